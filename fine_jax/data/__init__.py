@@ -1,0 +1,1 @@
+"""Data sources, text and image processing, and grain pipelines."""

@@ -1,0 +1,29 @@
+"""fine_jax: Fashion-FINE (ECCV 2024) fashion vision-language pre-training in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fine_jax",
+    version="0.1.0",
+    description="Fashion-FINE fashion vision-language pre-training in JAX/Flax",
+    packages=find_packages(include=["fine_jax", "fine_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "ml_collections>=1.0",
+        "chex>=0.1.88",
+        "tokenizers>=0.20",
+        "transformers>=4.45",
+        "h5py>=3.10",
+        "pillow>=10",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+)
