@@ -1,0 +1,612 @@
+"""Image preprocessing for all stages (method spec §6.4, the ALBEF recipe).
+
+Everything here works on numpy ``uint8`` HWC arrays and is a plain module-level function, so it can be
+pickled into grain worker processes. Every random choice is drawn from a ``np.random.Generator`` that
+the caller passes in: the same image with the same generator state gives identical pixels.
+
+Train transform (ALBEF ``create_dataset``)::
+
+    RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3/4, 4/3), bicubic)
+    -> RandomHorizontalFlip(p=0.5)
+    -> RandomAugment(N=2, M=7, augs=RANDAUG_OPS)          # ALBEF dataset/randaugment.py
+    -> ToTensor -> Normalize(CLIP_MEAN, CLIP_STD)
+
+Test transform: Resize((size, size), bicubic) -> ToTensor -> Normalize.
+
+Fidelity to the reference ops (ALBEF implements them with numpy + OpenCV):
+
+* AutoContrast, Equalize, Brightness and Sharpness are re-implemented in numpy with the same
+  arithmetic, so they are bit-identical to the reference.
+* ShearX/ShearY/TranslateX/TranslateY/Rotate use ``cv2.warpAffine`` (INTER_LINEAR, constant border)
+  in the reference. ``warp_affine`` below re-implements its fixed-point scheme (coordinates rounded to
+  1/32 px via a 1/1024 intermediate, integer bilinear weights, ``(sum + 2**14) >> 15`` rounding, the
+  border value blended into edge pixels). PIL's ``Image.transform`` is *not* equivalent (half-pixel
+  offset convention, float weights, no blending with the fill at the edges), which is why it is not
+  used here.
+* The reference has two numeric quirks that change pixels; both are reproduced when
+  ``albef_quirks=True`` (the default) and fixed when it is False:
+
+  - AutoContrast computes ``offset = -low * scale`` with ``low`` a ``np.uint8`` scalar, so the negation
+    wraps to ``256 - low``; every channel whose minimum is > 0 (and max > min) becomes all 255.
+  - Sharpness casts the unclipped float32 blend with ``astype(np.uint8)``; on x86 this truncates to an
+    integer and wraps modulo 256, so overshoots past 255 (factor 1.36 at M=7) turn dark and undershoots
+    below 0 turn bright. The quirk mode reproduces the x86 behaviour explicitly, independent of the
+    host CPU; the fixed mode clips to [0, 255] first.
+
+* The random draws follow the reference's order and comparison directions, but come from a numpy
+  ``Generator`` instead of torch's and numpy's global RNGs, so the streams themselves differ.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+FILL = (128, 128, 128)
+MAX_LEVEL = 10
+TRANSLATE_CONST = 10
+RANDAUG_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
+
+_PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+# torchvision ToTensor + Normalize are float32 ops: (float32(v) / 255 - mean) / std. With uint8 input
+# there are only 256 values per channel, so a lookup table gives the same float32 bits much faster.
+_NORM_LUT = (
+    (np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+     - np.asarray(CLIP_MEAN, dtype=np.float32)[:, None])
+    / np.asarray(CLIP_STD, dtype=np.float32)[:, None]
+).astype(np.float32)  # (3, 256)
+_NORM_LUT_FLAT = np.ascontiguousarray(_NORM_LUT.reshape(-1))
+_NORM_OFFSETS = np.arange(3, dtype=np.uint16) * 256
+
+
+def _check_hwc(img: np.ndarray) -> None:
+    if img.dtype != np.uint8 or img.ndim != 3:
+        raise ValueError(f"expected a uint8 HWC array, got {img.dtype} with shape {img.shape}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation and resizing
+# --------------------------------------------------------------------------------------------------
+def normalize(img: np.ndarray) -> np.ndarray:
+    """uint8 HWC RGB -> float32 HWC, ``(x / 255 - CLIP_MEAN) / CLIP_STD`` per channel."""
+    _check_hwc(img)
+    if img.shape[2] != 3:
+        raise ValueError(f"normalize expects 3 channels, got {img.shape[2]}")
+    idx = img.astype(np.uint16)
+    idx += _NORM_OFFSETS
+    return _NORM_LUT_FLAT[idx]
+
+
+def _pil_resize(img: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
+    try:
+        resample = _PIL_RESAMPLE[interpolation]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {interpolation!r}") from None
+    pil = Image.fromarray(np.ascontiguousarray(img))
+    return np.asarray(pil.resize((width, height), resample))
+
+
+def resize(img: np.ndarray, size: int | Sequence[int], interpolation: str = "bicubic") -> np.ndarray:
+    """PIL resize to ``(size, size)`` (int) or ``(h, w)``; no aspect-ratio preservation.
+
+    Same as torchvision ``Resize((h, w))`` on a PIL image, which calls ``PIL.Image.resize``.
+    """
+    _check_hwc(img)
+    h, w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    return _pil_resize(img, int(h), int(w), interpolation)
+
+
+def random_resized_crop_params(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+) -> tuple[int, int, int, int]:
+    """torchvision ``RandomResizedCrop.get_params``: returns ``(top, left, h, w)``.
+
+    Up to 10 attempts with area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); a candidate is
+    accepted when it fits. Otherwise the fallback is a central crop clamped to the ratio range.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        # Python's round (half to even) on purpose: torchvision uses it.
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(rng.integers(0, height - h + 1))
+            j = int(rng.integers(0, width - w + 1))
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w = width
+        h = height
+    i = (height - h) // 2
+    j = (width - w) // 2
+    return i, j, h, w
+
+
+def random_resized_crop(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    size: int | Sequence[int],
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    interpolation: str = "bicubic",
+) -> np.ndarray:
+    """torchvision ``RandomResizedCrop`` on a uint8 HWC array: crop, then PIL resize (bicubic).
+
+    Cropping before resizing (rather than ``resize(box=...)``) matters: it clamps the bicubic filter
+    support at the crop edges, as torchvision's ``crop`` + ``resize`` does.
+    """
+    _check_hwc(img)
+    i, j, h, w = random_resized_crop_params(img.shape[0], img.shape[1], rng, scale, ratio)
+    oh, ow = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    return _pil_resize(img[i:i + h, j:j + w], int(oh), int(ow), interpolation)
+
+
+def horizontal_flip(img: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(img[:, ::-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# RandAugment ops (ALBEF dataset/randaugment.py)
+# --------------------------------------------------------------------------------------------------
+def identity(img: np.ndarray) -> np.ndarray:
+    return img
+
+
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def _to_pil(img: np.ndarray) -> Image.Image | None:
+    mode = _PIL_MODES.get(img.shape[2])
+    if mode is None:
+        return None
+    arr = np.ascontiguousarray(img[..., 0] if img.shape[2] == 1 else img)
+    return Image.fromarray(arr, mode)
+
+
+def _from_pil(pil: Image.Image, channels: int) -> np.ndarray:
+    out = np.asarray(pil)
+    return out[..., None] if channels == 1 else out
+
+
+def _channel_histograms(img: np.ndarray) -> np.ndarray:
+    """(C, 256) int64 per-channel histograms (PIL's C loop when the mode allows it)."""
+    pil = _to_pil(img)
+    c = img.shape[2]
+    if pil is not None:
+        return np.asarray(pil.histogram(), dtype=np.int64).reshape(c, 256)
+    return np.stack([np.bincount(img[..., k].reshape(-1), minlength=256) for k in range(c)])
+
+
+def _apply_channel_luts(img: np.ndarray, luts: np.ndarray) -> np.ndarray:
+    """out[..., c] = luts[c][img[..., c]] for (C, 256) uint8 tables (PIL ``point`` when possible)."""
+    c = img.shape[2]
+    pil = _to_pil(img)
+    if pil is not None:
+        return _from_pil(pil.point(luts.reshape(-1).tolist()), c)
+    idx = img.astype(np.int64)
+    idx += np.arange(c) * 256
+    return np.take(luts.reshape(-1), idx)
+
+
+def autocontrast(img: np.ndarray, albef_quirks: bool = True) -> np.ndarray:
+    """ALBEF ``autocontrast_func`` (cutoff=0): per channel, stretch [min, max] to [0, 255].
+
+    Table = clip(arange(256) * scale + offset, 0, 255) truncated to uint8, scale = 255 / (max - min),
+    identity when max <= min. With ``albef_quirks`` the offset is ``(256 - min) % 256 * scale``,
+    reproducing the reference's uint8 negation wrap (channels with min > 0 saturate to 255); without
+    it the offset is the intended ``-min * scale``.
+    """
+    _check_hwc(img)
+    hist = _channel_histograms(img)
+    ar = np.arange(256)
+    luts = np.empty((img.shape[2], 256), dtype=np.uint8)
+    for c in range(img.shape[2]):
+        nz = np.flatnonzero(hist[c])
+        low, high = int(nz[0]), int(nz[-1])
+        if high <= low:
+            luts[c] = ar
+            continue
+        scale = 255 / (high - low)
+        offset = ((-low) % 256) * scale if albef_quirks else -low * scale
+        table = ar * scale + offset
+        table[table < 0] = 0
+        table[table > 255] = 255
+        luts[c] = table.astype(np.uint8)
+    return _apply_channel_luts(img, luts)
+
+
+def equalize(img: np.ndarray) -> np.ndarray:
+    """ALBEF ``equalize_func`` (= PIL ``ImageOps.equalize``), per channel.
+
+    step = (sum of the non-zero histogram bins except the last one) // 255; channels with step 0 are
+    unchanged; table[i] = (step // 2 + sum(hist[:i])) // step, clipped to 255.
+    """
+    _check_hwc(img)
+    hists = _channel_histograms(img)
+    c = img.shape[2]
+    luts = np.empty((c, 256), dtype=np.uint8)
+    ar = np.arange(256, dtype=np.uint8)
+    for k in range(c):
+        hist = hists[k]
+        nonzero = hist[hist != 0]
+        step = int(nonzero[:-1].sum()) // 255
+        if step == 0:
+            luts[k] = ar
+            continue
+        n = np.empty(256, dtype=np.int64)
+        n[0] = step // 2
+        n[1:] = hist[:-1]
+        luts[k] = (np.cumsum(n) // step).clip(0, 255).astype(np.uint8)
+    return _apply_channel_luts(img, luts)
+
+
+def brightness(img: np.ndarray, factor: float) -> np.ndarray:
+    """ALBEF ``brightness_func``: table = clip(float32 arange(256) * factor, 0, 255), truncated."""
+    _check_hwc(img)
+    table = (np.arange(256, dtype=np.float32) * factor).clip(0, 255).astype(np.uint8)
+    return _apply_channel_luts(img, np.broadcast_to(table, (img.shape[2], 256)))
+
+
+def _x86_float_to_uint8(x: np.ndarray) -> np.ndarray:
+    # numpy's float32 -> uint8 cast of out-of-range values is C undefined behaviour; on x86 (where the
+    # reference ran) it truncates toward zero to int32 and keeps the low byte. Spelled out here so the
+    # result does not depend on the host CPU.
+    return x.astype(np.int32).astype(np.uint8)
+
+
+def sharpness(img: np.ndarray, factor: float, albef_quirks: bool = True) -> np.ndarray:
+    """ALBEF ``sharpness_func``.
+
+    degenerate = cv2.filter2D(img, kernel [[1,1,1],[1,5,1],[1,1,1]] / 13) rounded to uint8; for
+    factor not in {0, 1} only the interior (1-px border left untouched) becomes
+    ``degenerate + factor * (img - degenerate)`` in float32, then cast to uint8 (see the module
+    docstring for the quirk). factor == 0 returns the filtered image (reflect-101 borders), 1 the input.
+
+    The 3x3 sum n is an integer and n / 13 is never exactly x.5, so ``round(n / 13)`` computed as
+    ``(2n + 13) // 26`` equals OpenCV's float32 filter followed by round-to-nearest.
+    """
+    _check_hwc(img)
+    if factor == 1.0:
+        return img
+    h, w = img.shape[:2]
+    if factor == 0.0:
+        src = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="reflect").astype(np.uint16)
+        hh, ww = h, w
+    else:
+        if h < 3 or w < 3:
+            return img
+        src = img.astype(np.uint16)
+        hh, ww = h - 2, w - 2
+    s = src[1:1 + hh, 1:1 + ww] * np.uint16(5)
+    for dy in range(3):
+        for dx in range(3):
+            if dy == 1 and dx == 1:
+                continue
+            s += src[dy:dy + hh, dx:dx + ww]
+    deg = (s * np.uint16(2) + np.uint16(13)) // np.uint16(26)
+    if factor == 0.0:
+        return deg.astype(np.uint8)
+    degf = deg.astype(np.float32)
+    blended = degf + np.float32(factor) * (img[1:-1, 1:-1].astype(np.float32) - degf)
+    out = img.copy()
+    if albef_quirks:
+        out[1:-1, 1:-1] = _x86_float_to_uint8(blended)
+    else:
+        out[1:-1, 1:-1] = np.clip(blended, 0, 255).astype(np.uint8)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# cv2.warpAffine (INTER_LINEAR, BORDER_CONSTANT) in numpy
+# --------------------------------------------------------------------------------------------------
+_INTER_BITS = 5  # cv2 INTER_BITS: sub-pixel positions are quantised to 1/32 px
+_AB_BITS = 10  # cv2 AB_BITS = max(10, INTER_BITS)
+_AB_SCALE = 1 << _AB_BITS
+_ROUND_DELTA = _AB_SCALE // (1 << _INTER_BITS) // 2
+_LANE_MASK = np.uint64(0x0000FFFF0000FFFF)
+_BYTE_MASK = np.uint64(0x000000FF000000FF)
+
+
+def _invert_affine(m: np.ndarray) -> np.ndarray:
+    """cv2's in-place inversion inside warpAffine (double precision, same operation order)."""
+    m0, m1, m2, m3, m4, m5 = (float(v) for v in m.reshape(-1))
+    d = m0 * m4 - m1 * m3
+    d = 1.0 / d if d != 0 else 0.0
+    a11, a22 = m4 * d, m0 * d
+    a12, a21 = m1 * -d, m3 * -d
+    b1 = -a11 * m2 - a12 * m5
+    b2 = -a21 * m2 - a22 * m5
+    return np.array([[a11, a12, b1], [a21, a22, b2]], dtype=np.float64)
+
+
+def _integer_shift(img: np.ndarray, dx: int, dy: int, fill: Sequence[int]) -> np.ndarray:
+    """out[y, x] = img[y - dy, x - dx], fill outside."""
+    h, w, c = img.shape
+    out = np.empty_like(img)
+    out[...] = np.asarray(fill, dtype=np.uint8)[:c]
+    ys, yd = max(0, -dy), max(0, dy)
+    xs, xd = max(0, -dx), max(0, dx)
+    nh, nw = h - abs(dy), w - abs(dx)
+    if nh > 0 and nw > 0:
+        out[yd:yd + nh, xd:xd + nw] = img[ys:ys + nh, xs:xs + nw]
+    return out
+
+
+def warp_affine(img: np.ndarray, matrix: np.ndarray, fill: Sequence[int] = FILL) -> np.ndarray:
+    """``cv2.warpAffine(img, matrix, (W, H), flags=INTER_LINEAR, borderValue=fill)`` for uint8 HWC.
+
+    ``matrix`` (2x3) maps source to destination pixel coordinates (pixel centres at integers), as in
+    OpenCV without WARP_INVERSE_MAP. Fixed-point scheme as in OpenCV: per-column and per-row terms are
+    rounded separately to 1/1024 px, summed, reduced to 1/32 px; weights are products of the 1/32 px
+    fractions; pixels outside the source read as ``fill``.
+
+    Up to 4 channels. The bilinear sums run in 16-bit lanes of uint64 words (first pass, <= 8160 per
+    lane) and then in 32-bit lanes (second pass, <= 261632), so no lane overflows.
+    """
+    _check_hwc(img)
+    h, w, c = img.shape
+    if c > 4:
+        raise ValueError("warp_affine supports at most 4 channels")
+    inv = _invert_affine(np.asarray(matrix, dtype=np.float64))
+    xs = np.arange(w, dtype=np.float64)
+    ys = np.arange(h, dtype=np.float64)
+    adelta = np.rint(inv[0, 0] * xs * _AB_SCALE).astype(np.int64)
+    bdelta = np.rint(inv[1, 0] * xs * _AB_SCALE).astype(np.int64)
+    x0 = np.rint((inv[0, 1] * ys + inv[0, 2]) * _AB_SCALE).astype(np.int64) + _ROUND_DELTA
+    y0 = np.rint((inv[1, 1] * ys + inv[1, 2]) * _AB_SCALE).astype(np.int64) + _ROUND_DELTA
+
+    sh = _AB_BITS - _INTER_BITS
+    frac_mask = (1 << _INTER_BITS) - 1
+    # Identity linear part: X = (x0 >> sh) + 32 x exactly, so when the constant part has no 1/32 px
+    # fraction (e.g. TranslateX/Y at integer offsets) every bilinear weight is (1, 0, 0, 0) and the
+    # result is an exact shifted copy; skip the gather.
+    if (np.array_equal(adelta, np.arange(w, dtype=np.int64) * _AB_SCALE) and not bdelta.any()
+            and np.all(x0 == x0[0]) and np.array_equal(y0 - y0[0], np.arange(h, dtype=np.int64) * _AB_SCALE)):
+        gx, gy = int(x0[0]) >> sh, int(y0[0]) >> sh
+        if gx & frac_mask == 0 and gy & frac_mask == 0:
+            return _integer_shift(img, -(gx >> _INTER_BITS), -(gy >> _INTER_BITS), fill)
+
+    X = np.add.outer(x0, adelta)  # (h, w) source x in 1/1024 px
+    X >>= sh  # -> 1/32 px
+    Y = np.add.outer(y0, bdelta)
+    Y >>= sh
+    sx = X >> _INTER_BITS
+    sy = Y >> _INTER_BITS
+    X &= frac_mask  # now the x fraction in [0, 32)
+    Y &= frac_mask
+    fx = X.reshape(-1).view(np.uint64)  # non-negative, so the int64 bits are the uint64 value
+    fy = Y.reshape(-1).view(np.uint64)
+
+    # Source padded by two fill pixels on every side. Clamping the top-left neighbour into [-2, w]
+    # (resp. [-2, h]) keeps all four neighbours inside the padded array, and every out-of-range
+    # neighbour then reads the fill colour, which is what BORDER_CONSTANT does.
+    wp = w + 4
+    padded = np.zeros((h + 4, wp, 4), dtype=np.uint8)
+    padded[..., :c] = np.asarray(fill, dtype=np.uint8)[:c]
+    padded[2:-2, 2:-2, :c] = img
+    words = padded.astype("<u2").view("<u8").reshape(-1)  # one pixel = 4 x 16-bit lanes
+    np.clip(sx, -2, w, out=sx)
+    np.clip(sy, -2, h, out=sy)
+    sy += 2
+    sy *= wp
+    sy += sx
+    sy += 2
+    idx = sy.reshape(-1)  # flat index of the top-left neighbour
+    n = words.size
+    p00 = np.take(words[:n - wp - 1], idx)
+    p01 = np.take(words[1:n - wp], idx)
+    p10 = np.take(words[wp:n - 1], idx)
+    p11 = np.take(words[wp + 1:], idx)
+
+    wx0 = np.uint64(1 << _INTER_BITS) - fx
+    p00 *= wx0
+    p01 *= fx
+    p00 += p01  # top row, each 16-bit lane <= 32 * 255
+    p10 *= wx0
+    p11 *= fx
+    p10 += p11  # bottom row
+    top, bot = p00, p10
+    wy0 = np.uint64(1 << _INTER_BITS) - fy
+    bias = np.uint64((1 << (2 * _INTER_BITS - 1)) * (1 + (1 << 32)))  # rounding term per 32-bit lane
+    shift = np.uint64(2 * _INTER_BITS)
+    sixteen = np.uint64(16)
+
+    even = top & _LANE_MASK  # channels 0 and 2 in 32-bit lanes
+    even *= wy0
+    tmp = bot & _LANE_MASK
+    tmp *= fy
+    even += tmp
+    even += bias
+    even >>= shift
+    even &= _BYTE_MASK
+    top >>= sixteen  # channels 1 and 3
+    top &= _LANE_MASK
+    top *= wy0
+    bot >>= sixteen
+    bot &= _LANE_MASK
+    bot *= fy
+    top += bot
+    top += bias
+    top >>= shift
+    top &= _BYTE_MASK
+    top <<= np.uint64(8)
+    even |= top  # bytes [c0, c1, 0, 0, c2, c3, 0, 0]
+    # Move c2/c3 down to bytes 2/3 so each pixel's channels are the low 4 bytes of its word.
+    even |= even >> sixteen
+    out = even.astype(np.uint32).view(np.uint8).reshape(h, w, 4)
+    return out if c == 4 else np.ascontiguousarray(out[..., :c])
+
+
+def shear_x(img: np.ndarray, factor: float, fill: Sequence[int] = FILL) -> np.ndarray:
+    """ALBEF ``shear_x_func``: x_dst = x_src + factor * y_src, about the top-left corner."""
+    m = np.array([[1, factor, 0], [0, 1, 0]], dtype=np.float32)  # float32 like the reference
+    return warp_affine(img, m, fill)
+
+
+def shear_y(img: np.ndarray, factor: float, fill: Sequence[int] = FILL) -> np.ndarray:
+    """ALBEF ``shear_y_func``: y_dst = y_src + factor * x_src, about the top-left corner."""
+    m = np.array([[1, 0, 0], [factor, 1, 0]], dtype=np.float32)
+    return warp_affine(img, m, fill)
+
+
+def translate_x(img: np.ndarray, offset: float, fill: Sequence[int] = FILL) -> np.ndarray:
+    """ALBEF ``translate_x_func``: out[y, x] = img[y, x + offset] (positive offset moves content left)."""
+    m = np.array([[1, 0, -offset], [0, 1, 0]], dtype=np.float32)
+    return warp_affine(img, m, fill)
+
+
+def translate_y(img: np.ndarray, offset: float, fill: Sequence[int] = FILL) -> np.ndarray:
+    """ALBEF ``translate_y_func``: out[y, x] = img[y + offset, x] (positive offset moves content up)."""
+    m = np.array([[1, 0, 0], [0, 1, -offset]], dtype=np.float32)
+    return warp_affine(img, m, fill)
+
+
+def rotation_matrix(center: tuple[float, float], degrees: float) -> np.ndarray:
+    """``cv2.getRotationMatrix2D(center, degrees, 1)``; positive = counter-clockwise on screen."""
+    cx, cy = (float(np.float32(v)) for v in center)  # cv2 takes a Point2f
+    a = degrees * (math.pi / 180)  # cv2: angle *= CV_PI / 180
+    alpha, beta = math.cos(a), math.sin(a)
+    return np.array(
+        [[alpha, beta, (1 - alpha) * cx - beta * cy], [-beta, alpha, beta * cx + (1 - alpha) * cy]],
+        dtype=np.float64,
+    )
+
+
+def rotate(img: np.ndarray, degrees: float, fill: Sequence[int] = FILL) -> np.ndarray:
+    """ALBEF ``rotate_func``: rotate about (W/2, H/2) by ``degrees``, same output size."""
+    h, w = img.shape[:2]
+    return warp_affine(img, rotation_matrix((w / 2, h / 2), degrees), fill)
+
+
+# --------------------------------------------------------------------------------------------------
+# RandomAugment
+# --------------------------------------------------------------------------------------------------
+def apply_op(
+    img: np.ndarray,
+    name: str,
+    level: float,
+    rng: np.random.Generator,
+    albef_quirks: bool = True,
+) -> np.ndarray:
+    """Apply one RandAugment op at ``level`` (out of MAX_LEVEL) with ALBEF's level -> argument maps.
+
+    Signed ops draw their sign from ``rng``, with the reference's comparison direction (shear and
+    translate negate when ``random() > 0.5``, rotate when ``random() < 0.5``).
+    """
+    frac = level / MAX_LEVEL
+    if name == "Identity":
+        return img
+    if name == "AutoContrast":
+        return autocontrast(img, albef_quirks=albef_quirks)
+    if name == "Equalize":
+        return equalize(img)
+    if name == "Brightness":
+        return brightness(img, frac * 1.8 + 0.1)
+    if name == "Sharpness":
+        return sharpness(img, frac * 1.8 + 0.1, albef_quirks=albef_quirks)
+    if name in ("ShearX", "ShearY"):
+        v = frac * 0.3
+        if rng.random() > 0.5:
+            v = -v
+        return (shear_x if name == "ShearX" else shear_y)(img, v, FILL)
+    if name in ("TranslateX", "TranslateY"):
+        v = frac * float(TRANSLATE_CONST)
+        if rng.random() > 0.5:
+            v = -v
+        return (translate_x if name == "TranslateX" else translate_y)(img, v, FILL)
+    if name == "Rotate":
+        v = frac * 30
+        if rng.random() < 0.5:
+            v = -v
+        return rotate(img, v, FILL)
+    raise ValueError(f"unknown RandAugment op {name!r}")
+
+
+def rand_augment(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    n: int = 2,
+    m: float = 7,
+    ops: Sequence[str] = RANDAUG_OPS,
+    prob: float = 0.5,
+    albef_quirks: bool = True,
+) -> np.ndarray:
+    """ALBEF ``RandomAugment(N=n, M=m, isPIL=False, augs=ops)``.
+
+    Draw ``n`` ops uniformly with replacement; each is skipped when ``random() > prob``, else applied
+    at level ``m``.
+    """
+    _check_hwc(img)
+    if n <= 0:
+        return img
+    chosen = rng.integers(0, len(ops), size=n)
+    for k in chosen:
+        if rng.random() > prob:
+            continue
+        img = apply_op(img, ops[int(k)], m, rng, albef_quirks=albef_quirks)
+    return img
+
+
+# --------------------------------------------------------------------------------------------------
+# Full transforms
+# --------------------------------------------------------------------------------------------------
+def train_transform(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float] = (0.5, 1.0),
+    hflip: bool = True,
+    randaug_n: int = 2,
+    randaug_m: float = 7,
+    albef_quirks: bool = True,
+) -> np.ndarray:
+    """RandomResizedCrop -> horizontal flip (p=0.5) -> RandAugment -> normalize; float32 HWC."""
+    out = random_resized_crop(img, rng, size, scale=scale)
+    if hflip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    if randaug_n > 0:
+        out = rand_augment(np.ascontiguousarray(out), rng, n=randaug_n, m=randaug_m,
+                           albef_quirks=albef_quirks)
+    return normalize(out)
+
+
+def test_transform(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize((size, size), bicubic) -> normalize; float32 HWC."""
+    return normalize(resize(img, size))

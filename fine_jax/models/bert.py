@@ -1,0 +1,166 @@
+"""BERT split into text-mode and fusion-mode layers (ALBEF's xbert, method_spec §1.3).
+
+Layers ``0 .. fusion_layer-1`` are plain post-LN BERT layers (self-attention + FFN). Layers
+``fusion_layer .. num_layers-1`` add a cross-attention sub-block whose keys and values are the image
+tokens. ``text()`` embeds token ids and runs the text layers; ``fusion()`` takes those text states
+(it does not re-embed) and runs the fusion layers. Names follow the HF/xbert state_dict.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fine_jax.models.layers import (attention_bias, dot_product_attention, gelu, merge_heads, normal,
+                                    split_heads)
+
+Dtype = Any
+
+
+class BertSelfAttention(nn.Module):
+    """Q from ``x``, K/V from ``kv`` (``x`` itself for self-attention, image tokens for cross)."""
+
+    hidden: int
+    heads: int
+    attn_dropout: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, kv, bias, deterministic: bool):
+        dense = lambda name: nn.Dense(self.hidden, kernel_init=normal(0.02),
+                                      bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
+        q = split_heads(dense("query")(x), self.heads)
+        k = split_heads(dense("key")(kv), self.heads)
+        v = split_heads(dense("value")(kv), self.heads)
+        out = dot_product_attention(q, k, v, bias, nn.Dropout(self.attn_dropout), deterministic)
+        return merge_heads(out)
+
+
+class BertResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual): the post-LN sub-block tail of BERT."""
+
+    hidden: int
+    dropout: float
+    ln_eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic: bool):
+        x = nn.Dense(self.hidden, kernel_init=normal(0.02), bias_init=nn.initializers.zeros,
+                     dtype=self.dtype, name="dense")(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm")(x + residual)
+
+
+class BertAttentionBlock(nn.Module):
+    hidden: int
+    heads: int
+    attn_dropout: float
+    dropout: float
+    ln_eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, kv, bias, deterministic: bool):
+        h = BertSelfAttention(self.hidden, self.heads, self.attn_dropout, self.dtype, name="self")(
+            x, kv, bias, deterministic)
+        return BertResidualOutput(self.hidden, self.dropout, self.ln_eps, self.dtype, name="output")(
+            h, x, deterministic)
+
+
+class BertLayer(nn.Module):
+    hidden: int
+    heads: int
+    intermediate: int
+    attn_dropout: float
+    dropout: float
+    ln_eps: float
+    cross_attention: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, self_bias, deterministic: bool, encoder=None, encoder_bias=None):
+        block = lambda name: BertAttentionBlock(self.hidden, self.heads, self.attn_dropout,
+                                                self.dropout, self.ln_eps, self.dtype, name=name)
+        x = block("attention")(x, x, self_bias, deterministic)
+        if self.cross_attention:
+            if encoder is None:
+                raise ValueError("a fusion layer needs the image tokens (encoder states)")
+            x = block("crossattention")(x, encoder, encoder_bias, deterministic)
+        h = nn.Dense(self.intermediate, kernel_init=normal(0.02), bias_init=nn.initializers.zeros,
+                     dtype=self.dtype, name="intermediate")(x)
+        return BertResidualOutput(self.hidden, self.dropout, self.ln_eps, self.dtype, name="output")(
+            gelu(h), x, deterministic)
+
+
+class BertEmbeddings(nn.Module):
+    vocab_size: int
+    hidden: int
+    max_positions: int
+    type_vocab_size: int
+    dropout: float
+    ln_eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, deterministic: bool):
+        seq_len = input_ids.shape[1]
+        if seq_len > self.max_positions:
+            raise ValueError(f"text length {seq_len} exceeds max_position_embeddings "
+                             f"{self.max_positions}")
+        emb = lambda n, name: nn.Embed(n, self.hidden, embedding_init=normal(0.02), name=name)
+        x = emb(self.vocab_size, "word_embeddings")(input_ids)
+        x = x + emb(self.max_positions, "position_embeddings")(jnp.arange(seq_len))[None]
+        # Token types are all zero in every stage of the reference.
+        x = x + emb(self.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(input_ids))
+        x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm")(x.astype(self.dtype))
+        return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class XBert(nn.Module):
+    vocab_size: int
+    hidden: int
+    num_layers: int
+    fusion_layer: int
+    heads: int
+    intermediate: int
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout: float = 0.1
+    attn_dropout: float = 0.1
+    ln_eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        if not 0 <= self.fusion_layer <= self.num_layers:
+            raise ValueError(f"fusion_layer={self.fusion_layer} must lie in [0, {self.num_layers}]")
+        self.embeddings = BertEmbeddings(self.vocab_size, self.hidden, self.max_positions,
+                                         self.type_vocab_size, self.hidden_dropout, self.ln_eps,
+                                         self.dtype)
+        self.layers = [
+            BertLayer(self.hidden, self.heads, self.intermediate, self.attn_dropout,
+                      self.hidden_dropout, self.ln_eps, cross_attention=i >= self.fusion_layer,
+                      dtype=self.dtype, name=f"layer_{i}")
+            for i in range(self.num_layers)
+        ]
+
+    def text(self, input_ids, attention_mask, deterministic: bool = True):
+        """Text mode: (B, L) ids -> (B, L, hidden) text states."""
+        x = self.embeddings(input_ids, deterministic)
+        bias = attention_bias(attention_mask)
+        for layer in self.layers[: self.fusion_layer]:
+            x = layer(x, bias, deterministic)
+        return x
+
+    def fusion(self, text_states, attention_mask, image_states, deterministic: bool = True):
+        """Fusion mode: text states cross-attend to every image token (all-ones image mask)."""
+        bias = attention_bias(attention_mask)
+        x = text_states
+        for layer in self.layers[self.fusion_layer:]:
+            x = layer(x, bias, deterministic, encoder=image_states, encoder_bias=None)
+        return x
+
+    def __call__(self, input_ids, attention_mask, image_states, deterministic: bool = True):
+        return self.fusion(self.text(input_ids, attention_mask, deterministic), attention_mask,
+                           image_states, deterministic)

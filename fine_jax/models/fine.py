@@ -1,0 +1,238 @@
+"""The Fashion-FINE model: towers, projections, adapter, phrase module and heads (method_spec §1).
+
+One Flax module holds every online parameter. Its top-level parameter collections carry the
+reference names (``visual_encoder``, ``text_encoder``, ``vision_proj`` ...), so the momentum copy is
+simply the subset of the parameter dict named in :data:`MOMENTUM_MODULES`, and a momentum forward
+is ``model.apply({"params": {**params, **momentum}}, ...)``.
+
+Methods are small, composable pieces (``encode_image``, ``encode_text``, ``fuse``, ``image_features``
+...) that the training step and the evaluation call through ``model.apply(..., method=...)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fine_jax.models.adapter import AttentionPool, PhraseModule, l2_normalize, mix_global_local
+from fine_jax.models.bert import XBert
+from fine_jax.models.layers import gelu, torch_dense
+from fine_jax.models.vit import VisionTransformer
+
+# The six modules with momentum (EMA) copies, method_spec §1.6. Nothing else has one.
+MOMENTUM_MODULES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj",
+                    "combine_text_proj", "combine_vision_proj")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every size of the model. ``from_config`` reads the ``model`` block of an ml_collections config."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_depth: int = 12
+    vision_heads: int = 12
+    vision_mlp_ratio: float = 4.0
+    vision_ln_eps: float = 1e-6
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    fusion_layer: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    bert_ln_eps: float = 1e-12
+    embed_dim: int = 256
+    replace_kind_num: int = 2
+    temp_init: float = 0.07
+    img_patch_ratio: float = 0.05
+    text_patch_ratio: float = 0.25
+    # Symbol feature mix, hard-coded in the reference (method_spec §4.3).
+    symbol_ratio: float = 0.95
+    # Text tokens excluded from the MAA/phrase pooling: [CLS] and the symbol slot (method_spec §2).
+    text_local_start: int = 2
+    # method_spec §10 B1: mask padding in MAA/phrase pooling. Off = reference behaviour.
+    mask_padding_in_pooling: bool = False
+    dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dict(cfg).items() if k in fields}
+        unknown = set(dict(cfg)) - fields
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}; known: {sorted(fields)}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.image_size={self.image_size} is not a multiple of "
+                             f"model.patch_size={self.patch_size}")
+        if self.vision_width % self.vision_heads or self.hidden_size % self.num_heads:
+            raise ValueError("model widths must be divisible by their head counts")
+        if self.vision_width != self.hidden_size:
+            # The MAA is shared by both modalities and pools at one width (method_spec §2).
+            raise ValueError(f"model.vision_width ({self.vision_width}) must equal model.hidden_size "
+                             f"({self.hidden_size}): the shared adapter pools both at one width")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+class PredictionHead(nn.Module):
+    """dense -> GELU -> LayerNorm(1e-12) -> decoder: the MLM head and the replace predictor."""
+
+    hidden: int
+    out: int
+    ln_eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = gelu(torch_dense(self.hidden, self.hidden, "dense", self.dtype)(x))
+        x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm")(x)
+        return torch_dense(self.out, self.hidden, "decoder", self.dtype)(x)
+
+
+class FashionFINE(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        c.validate()
+        dt = c.compute_dtype
+        self.visual_encoder = VisionTransformer(c.image_size, c.patch_size, c.vision_width,
+                                                c.vision_depth, c.vision_heads, c.vision_mlp_ratio,
+                                                c.vision_ln_eps, dt)
+        self.text_encoder = XBert(c.vocab_size, c.hidden_size, c.num_layers, c.fusion_layer,
+                                  c.num_heads, c.intermediate_size, c.max_position_embeddings,
+                                  c.type_vocab_size, c.hidden_dropout, c.attention_dropout,
+                                  c.bert_ln_eps, dt)
+        self.vision_proj = torch_dense(c.embed_dim, c.vision_width, dtype=dt)
+        self.text_proj = torch_dense(c.embed_dim, c.hidden_size, dtype=dt)
+        self.combine_vision_proj = torch_dense(c.embed_dim, c.embed_dim, dtype=dt)
+        self.combine_text_proj = torch_dense(c.embed_dim, c.embed_dim, dtype=dt)
+        self.itm_head = torch_dense(2, c.hidden_size, dtype=dt)
+        self.maa = AttentionPool(c.hidden_size, dt)
+        self.phrase_module = PhraseModule(c.hidden_size, dt)
+        self.decoder_layer = PredictionHead(c.hidden_size, c.vocab_size, c.bert_ln_eps, dt)
+        self.replace_predict_layer = PredictionHead(c.hidden_size, c.replace_kind_num,
+                                                    c.bert_ln_eps, dt)
+        self.temp = self.param("temp", lambda _: jnp.asarray(c.temp_init, jnp.float32))
+
+    # --- towers -------------------------------------------------------------------------------
+    def encode_image(self, images, deterministic: bool = True):
+        """(B, H, W, 3) normalised images -> (B, N, D) ViT tokens (index 0 = CLS)."""
+        return self.visual_encoder(images)
+
+    def encode_text(self, input_ids, attention_mask, deterministic: bool = True):
+        """Text-mode BERT: (B, L) -> (B, L, D)."""
+        return self.text_encoder.text(input_ids, attention_mask, deterministic)
+
+    def fuse(self, text_states, attention_mask, image_states, deterministic: bool = True):
+        """Fusion-mode BERT: text states cross-attend to all image tokens -> (B, L, D)."""
+        return self.text_encoder.fusion(text_states, attention_mask, image_states, deterministic)
+
+    # --- projections and features -------------------------------------------------------------
+    def project_image(self, x):
+        """Pv = combine_vision_proj . vision_proj (no non-linearity between), not normalised."""
+        return self.combine_vision_proj(self.vision_proj(x))
+
+    def project_text(self, x):
+        return self.combine_text_proj(self.text_proj(x))
+
+    def text_pool_mask(self, attention_mask):
+        return attention_mask[:, self.config.text_local_start:] if self.config.mask_padding_in_pooling \
+            else None
+
+    def image_features(self, image_states):
+        """-> (g_v, z_v, maa_weights): global CLS feature and the MAA-integrated feature."""
+        g = l2_normalize(self.project_image(image_states[:, 0]))
+        pooled, weights = self.maa(image_states[:, 1:])
+        local = l2_normalize(self.project_image(pooled))
+        return g, mix_global_local(g, local, self.config.img_patch_ratio), weights
+
+    def text_features(self, text_states, attention_mask):
+        """-> (g_t, z_t, maa_weights). Local tokens are positions ``text_local_start ..`` (2..L-1)."""
+        start = self.config.text_local_start
+        g = l2_normalize(self.project_text(text_states[:, 0]))
+        pooled, weights = self.maa(text_states[:, start:], self.text_pool_mask(attention_mask))
+        local = l2_normalize(self.project_text(pooled))
+        return g, mix_global_local(g, local, self.config.text_patch_ratio), weights
+
+    def image_global(self, image_states):
+        """Momentum path: CLS only, no MAA (method_spec §1.6)."""
+        return l2_normalize(self.project_image(image_states[:, 0]))
+
+    def text_global(self, text_states):
+        return l2_normalize(self.project_text(text_states[:, 0]))
+
+    def symbol_feature(self, text_states, attention_mask):
+        """s = norm(0.95 * norm(Pt(h[:,1])) + 0.05 * norm(Pt(phrase(h[:,2:])))) (method_spec §4.3)."""
+        c = self.config
+        s_sym = l2_normalize(self.project_text(text_states[:, 1]))
+        u = self.phrase_module(text_states[:, c.text_local_start:], self.text_pool_mask(attention_mask))
+        s_phr = l2_normalize(self.project_text(u))
+        return l2_normalize(c.symbol_ratio * s_sym + (1.0 - c.symbol_ratio) * s_phr)
+
+    # --- heads ----------------------------------------------------------------------------------
+    def itm_logits(self, fused):
+        return self.itm_head(fused[:, 0]).astype(jnp.float32)
+
+    def mlm_logits(self, fused):
+        return self.decoder_layer(fused).astype(jnp.float32)
+
+    def rtp_logits(self, fused):
+        return self.replace_predict_layer(fused).astype(jnp.float32)
+
+    def get_temp(self):
+        return self.temp
+
+    # --- inference API --------------------------------------------------------------------------
+    def embed_images(self, images):
+        """Images -> z_v, the MAA-integrated features the reference ranks by."""
+        return self.image_features(self.encode_image(images))[1]
+
+    def embed_texts(self, input_ids, attention_mask):
+        return self.text_features(self.encode_text(input_ids, attention_mask), attention_mask)[1]
+
+    def __call__(self, images, input_ids, attention_mask, deterministic: bool = True):
+        """Touches every parameter once; used for initialisation."""
+        img = self.encode_image(images, deterministic)
+        txt = self.encode_text(input_ids, attention_mask, deterministic)
+        _, z_v, _ = self.image_features(img)
+        _, z_t, _ = self.text_features(txt, attention_mask)
+        sym = self.symbol_feature(txt, attention_mask)
+        fused = self.fuse(txt, attention_mask, img, deterministic)
+        return dict(z_v=z_v, z_t=z_t, sym=sym, itm=self.itm_logits(fused),
+                    mlm=self.mlm_logits(fused), rtp=self.rtp_logits(fused), temp=self.get_temp())
+
+
+def init_params(model: FashionFINE, rng: jax.Array, batch_size: int = 1, text_len: int = 8):
+    """Initialise all parameters from shapes alone."""
+    c = model.config
+    images = jnp.zeros((batch_size, c.image_size, c.image_size, 3), jnp.float32)
+    ids = jnp.zeros((batch_size, text_len), jnp.int32)
+    mask = jnp.ones((batch_size, text_len), jnp.int32)
+    return model.init(rng, images, ids, mask)["params"]
+
+
+def momentum_subset(params) -> dict:
+    """The parameters that have a momentum copy (a new dict sharing the leaves)."""
+    return {name: params[name] for name in MOMENTUM_MODULES}

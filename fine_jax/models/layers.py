@@ -1,0 +1,92 @@
+"""Building blocks shared by the ViT and BERT towers.
+
+Initialisers mirror the reference PyTorch code so that a model trained from scratch starts from the
+same distribution: timm's truncated normal for the ViT, HF BERT's N(0, 0.02) for the text tower, and
+PyTorch's default Linear/Conv init (kaiming-uniform with a=sqrt(5)) for modules the reference defines
+directly on its model class.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+# The reference adds (1 - mask) * -10000 to attention logits, not -inf: keep the same constant so
+# fully-masked rows behave identically.
+MASK_BIAS = -10000.0
+
+
+def trunc_normal(std: float = 0.02) -> Callable:
+    """timm's trunc_normal_(std) with bounds [-2, 2] in absolute units (not in stds)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        lower, upper = -2.0 / std, 2.0 / std
+        return std * jax.random.truncated_normal(key, lower, upper, shape, dtype)
+
+    return init
+
+
+def normal(std: float = 0.02) -> Callable:
+    return nn.initializers.normal(stddev=std)
+
+
+def torch_default_kernel() -> Callable:
+    """PyTorch default weight init: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int) -> Callable:
+    """PyTorch default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_dense(features: int, fan_in: int, name: str | None = None, dtype: Dtype = jnp.float32,
+                use_bias: bool = True) -> nn.Dense:
+    """A Dense layer with PyTorch's default nn.Linear initialisation."""
+    return nn.Dense(features, use_bias=use_bias, kernel_init=torch_default_kernel(),
+                    bias_init=torch_default_bias(fan_in), dtype=dtype, name=name)
+
+
+def gelu(x):
+    # Exact (erf) GELU everywhere, as in PyTorch nn.GELU() and HF "gelu".
+    return jax.nn.gelu(x, approximate=False)
+
+
+def attention_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """(B, K) 0/1 key mask -> (B, 1, 1, K) additive bias, (1 - mask) * -10000 as in the reference."""
+    return ((1.0 - mask.astype(dtype)) * MASK_BIAS)[:, None, None, :]
+
+
+def dot_product_attention(q, k, v, bias, dropout: nn.Dropout | None, deterministic: bool):
+    """q: (B, Tq, H, d), k/v: (B, Tk, H, d), bias broadcastable to (B, H, Tq, Tk).
+
+    The softmax runs in float32 whatever the compute dtype, as the reference runs in fp32.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs, deterministic=deterministic)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    b, t, d = x.shape
+    return x.reshape(b, t, heads, d // heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    b, t, h, d = x.shape
+    return x.reshape(b, t, h * d)

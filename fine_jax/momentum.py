@@ -1,0 +1,55 @@
+"""Momentum (EMA) parameters and feature queues as pure functions on pytrees (method_spec §1.6-§1.7).
+
+Queues are stored row-major, ``(Q, E)``: row ``j`` is the feature the reference keeps in column
+``j`` of its ``(E, Q)`` buffer. The checkpoint converter transposes.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fine_jax.models.adapter import l2_normalize
+
+IDX_QUEUE_FILL = -100  # never equals a real product index
+
+
+def ema_update(momentum, online, m: float):
+    """theta_m <- m * theta_m + (1 - m) * theta, leaf by leaf over the momentum tree's structure."""
+    online_subset = {k: online[k] for k in momentum}
+    return jax.tree_util.tree_map(lambda a, b: m * a + (1.0 - m) * b.astype(a.dtype), momentum,
+                                  online_subset)
+
+
+def init_queues(rng: jax.Array, size: int, dim: int, with_idx: bool = True) -> dict:
+    """Random normal features, each normalised, idx filled with -100, pointer 0."""
+    k_img, k_txt = jax.random.split(rng)
+    queues = {
+        "image": l2_normalize(jax.random.normal(k_img, (size, dim), jnp.float32)),
+        "text": l2_normalize(jax.random.normal(k_txt, (size, dim), jnp.float32)),
+        "ptr": jnp.zeros((), jnp.int32),
+    }
+    if with_idx:
+        queues["idx"] = jnp.full((size,), IDX_QUEUE_FILL, jnp.int32)
+    return queues
+
+
+def enqueue(queues: dict, image_feat: jax.Array, text_feat: jax.Array,
+            idx: jax.Array | None = None) -> dict:
+    """Write the global batch's momentum features at ``ptr``; ptr <- (ptr + Bg) mod Q.
+
+    Q must be a multiple of Bg (checked when the config is built), so a write never wraps.
+    """
+    batch = image_feat.shape[0]
+    size = queues["image"].shape[0]
+    ptr = queues["ptr"]
+    out = dict(queues)
+    out["image"] = jax.lax.dynamic_update_slice(queues["image"],
+                                                image_feat.astype(queues["image"].dtype), (ptr, 0))
+    out["text"] = jax.lax.dynamic_update_slice(queues["text"],
+                                               text_feat.astype(queues["text"].dtype), (ptr, 0))
+    if "idx" in queues:
+        if idx is None:
+            raise ValueError("this queue keeps product ids: pass idx")
+        out["idx"] = jax.lax.dynamic_update_slice(queues["idx"], idx.astype(jnp.int32), (ptr,))
+    out["ptr"] = ((ptr + batch) % size).astype(jnp.int32)
+    return out

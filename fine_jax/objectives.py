@@ -1,0 +1,141 @@
+"""Loss functions of Fashion-FINE as pure functions on arrays (method_spec §3, §4).
+
+Each takes plain arrays and returns a scalar loss (fp32); none of them touches parameters, so each
+is tested directly against a NumPy transcription of its formula.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_LABEL = -100
+
+
+def idx_targets(idx: jax.Array, idx_all: jax.Array) -> jax.Array:
+    """Stage-1 ground truth: y_bj = 1[idx_b == idx_all_j] / sum_j' 1[idx_b == idx_all_j'].
+
+    idx (B,), idx_all (B + Q,) -> (B, B + Q). Every item of the same product, in the batch or in the
+    queue, is a positive (method_spec §3.1).
+    """
+    pos = (idx[:, None] == idx_all[None, :]).astype(jnp.float32)
+    return pos / pos.sum(axis=1, keepdims=True)
+
+
+def diagonal_targets(batch: int, columns: int) -> jax.Array:
+    """Stage-2 ground truth: one-hot on column b of B + Q columns."""
+    return jax.nn.one_hot(jnp.arange(batch), columns, dtype=jnp.float32)
+
+
+def focal_soft_cross_entropy(logits: jax.Array, targets: jax.Array, alpha_focal: float,
+                             gamma: float) -> jax.Array:
+    """-(1/B) sum_b sum_j alpha_f (1 - p_bj)^gamma y_bj log p_bj, with p = softmax(logits).
+
+    The focal factor is not detached: gradients flow through it, as in the reference.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    p = jnp.exp(logp)
+    per_row = -(alpha_focal * (1.0 - p) ** gamma * targets * logp).sum(axis=-1)
+    return per_row.mean()
+
+
+def distilled_targets(momentum_logits: jax.Array, ground_truth: jax.Array, alpha) -> jax.Array:
+    """y = alpha * softmax(s_m) + (1 - alpha) * y_gt, with no gradient through the momentum part."""
+    soft = jax.nn.softmax(jax.lax.stop_gradient(momentum_logits).astype(jnp.float32), axis=-1)
+    return alpha * soft + (1.0 - alpha) * ground_truth
+
+
+def focal_itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, ground_truth, alpha, alpha_focal: float,
+                   gamma: float):
+    """Focal ITC with momentum distillation (method_spec §3.1). All sims already divided by tau.
+
+    Returns (loss, (loss_i2t, loss_t2i)); loss = (L_i2t + L_t2i) / 2.
+    """
+    y_i2t = distilled_targets(sim_i2t_m, ground_truth, alpha)
+    y_t2i = distilled_targets(sim_t2i_m, ground_truth, alpha)
+    l_i2t = focal_soft_cross_entropy(sim_i2t, y_i2t, alpha_focal, gamma)
+    l_t2i = focal_soft_cross_entropy(sim_t2i, y_t2i, alpha_focal, gamma)
+    return (l_i2t + l_t2i) / 2.0, (l_i2t, l_t2i)
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-(1/B) sum_b sum_j y_bj log softmax(logits)_bj (the TGIR / plain ITC loss)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -(targets * logp).sum(axis=-1).mean()
+
+
+def hard_negative_logits(sim: jax.Array, exclude: jax.Array | None = None) -> jax.Array:
+    """Sampling logits for ITM negatives from a (B, B) similarity block.
+
+    The reference sets the diagonal to -1000, softmaxes, then zeroes the diagonal; sampling from
+    that is sampling from softmax over j != b, i.e. logits with the diagonal at -inf. ``exclude``
+    (B, B) bool additionally removes pairs (same product, method_spec §10 B4 fix).
+    """
+    b = sim.shape[0]
+    drop = jnp.eye(b, dtype=bool)
+    if exclude is not None:
+        drop = drop | exclude
+    logits = jnp.where(drop, -jnp.inf, jax.lax.stop_gradient(sim).astype(jnp.float32))
+    # A row with nothing left to draw (every other item is the same product) falls back to
+    # "any other item", so sampling stays defined.
+    empty = jnp.all(drop, axis=1, keepdims=True)
+    fallback = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, 0.0)
+    return jnp.where(empty, fallback, logits)
+
+
+def sample_hard_negatives(rng: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array,
+                          exclude: jax.Array | None = None):
+    """One negative per sample from the local batch (method_spec §3.2).
+
+    sim_i2t / sim_t2i: (B, B) online similarities (first B columns). Returns
+    (neg_image_for_text (B,), neg_text_for_image (B,)) indices.
+    """
+    k_img, k_txt = jax.random.split(rng)
+    neg_image = jax.random.categorical(k_img, hard_negative_logits(sim_t2i, exclude), axis=-1)
+    neg_text = jax.random.categorical(k_txt, hard_negative_logits(sim_i2t, exclude), axis=-1)
+    return neg_image, neg_text
+
+
+def itm_loss(itm_logits: jax.Array, batch: int) -> jax.Array:
+    """Cross-entropy over 3B pairs: B positives (label 1) then 2B negatives (label 0)."""
+    labels = jnp.concatenate([jnp.ones((batch,), jnp.int32), jnp.zeros((2 * batch,), jnp.int32)])
+    logp = jax.nn.log_softmax(itm_logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, labels[:, None], axis=-1).mean()
+
+
+def symbol_loss(symbol_feature: jax.Array, image_feature: jax.Array) -> jax.Array:
+    """mean_b (1 - cos(s_b, z_v,b)) / 2; both inputs are unit vectors (method_spec §4.3)."""
+    cos = (symbol_feature.astype(jnp.float32) * image_feature.astype(jnp.float32)).sum(-1)
+    return (1.0 - (1.0 + cos) / 2.0).mean()
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, ignore: int = IGNORE_LABEL):
+    """Token cross-entropy averaged over labelled positions (PyTorch ignore_index semantics).
+
+    With no labelled position at all PyTorch returns NaN; this returns 0 so that a batch without
+    targets does not poison training.
+    """
+    valid = labels != ignore
+    safe = jnp.where(valid, labels, 0)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    count = valid.sum()
+    return jnp.where(count > 0, (nll * valid).sum() / jnp.maximum(count, 1), 0.0)
+
+
+def mlm_loss(mlm_logits: jax.Array, mask_labels: jax.Array) -> jax.Array:
+    return masked_cross_entropy(mlm_logits, mask_labels)
+
+
+def rtp_loss(rtp_logits: jax.Array, replace_labels: jax.Array) -> jax.Array:
+    """Replaced-token prediction over all B x L positions, padding included (method_spec §10 B9)."""
+    logp = jax.nn.log_softmax(rtp_logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, replace_labels[..., None].astype(jnp.int32), axis=-1).mean()
+
+
+def distill_alpha(step: jax.Array, steps_per_epoch: int, alpha: float, warm_up: bool = True):
+    """alpha_i = alpha * min(1, i / iters_per_epoch) in epoch 0, then alpha (method_spec §3.1)."""
+    if not warm_up:
+        return jnp.asarray(alpha, jnp.float32)
+    in_epoch0 = step < steps_per_epoch
+    ramp = alpha * jnp.minimum(1.0, step.astype(jnp.float32) / steps_per_epoch)
+    return jnp.where(in_epoch0, ramp, alpha).astype(jnp.float32)

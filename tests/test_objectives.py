@@ -1,0 +1,158 @@
+"""Each loss against an independent NumPy computation of its formula (method_spec §3-§4)."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fine_jax import objectives as obj
+
+
+def np_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_focal(logits, y, af, gamma):
+    p = np_softmax(logits)
+    return float(np.mean(np.sum(-af * (1 - p) ** gamma * y * np.log(p), axis=1)))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_idx_targets_match_numpy(rng):
+    idx = np.array([3, 5, 3, 7])
+    idx_all = np.concatenate([idx, np.array([5, -100, 3, 9, 3])])
+    expected = np.zeros((4, 9))
+    for b in range(4):
+        pos = idx_all == idx[b]
+        expected[b, pos] = 1.0 / pos.sum()
+    np.testing.assert_allclose(obj.idx_targets(jnp.asarray(idx), jnp.asarray(idx_all)), expected,
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.15, 0.4])
+def test_focal_itc_matches_numpy(rng, alpha):
+    b, q = 4, 12
+    s = {k: rng.normal(size=(b, b + q)) * 5 for k in ("i2t", "t2i", "i2t_m", "t2i_m")}
+    idx = np.array([0, 1, 0, 2])
+    idx_all = np.concatenate([idx, rng.integers(0, 4, size=q)])
+    gt = (idx[:, None] == idx_all[None]).astype(float)
+    gt /= gt.sum(1, keepdims=True)
+    y_i2t = alpha * np_softmax(s["i2t_m"]) + (1 - alpha) * gt
+    y_t2i = alpha * np_softmax(s["t2i_m"]) + (1 - alpha) * gt
+    expected_i2t = np_focal(s["i2t"], y_i2t, 0.25, 2.0)
+    expected_t2i = np_focal(s["t2i"], y_t2i, 0.25, 2.0)
+    loss, (l_i2t, l_t2i) = obj.focal_itc_loss(
+        *(jnp.asarray(s[k], jnp.float32) for k in ("i2t", "t2i", "i2t_m", "t2i_m")),
+        jnp.asarray(gt, jnp.float32), alpha, 0.25, 2.0)
+    np.testing.assert_allclose(l_i2t, expected_i2t, rtol=1e-5)
+    np.testing.assert_allclose(l_t2i, expected_t2i, rtol=1e-5)
+    np.testing.assert_allclose(loss, (expected_i2t + expected_t2i) / 2, rtol=1e-5)
+
+
+def test_focal_gradient_flows_through_focal_factor(rng):
+    logits = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    y = jnp.asarray(np_softmax(rng.normal(size=(3, 5))), jnp.float32)
+    g = jax.grad(lambda x: obj.focal_soft_cross_entropy(x, y, 0.25, 2.0))(logits)
+    # Numerical derivative of the full expression (focal factor not detached).
+    eps = 1e-3
+    num = np.zeros((3, 5))
+    base = np.asarray(logits, np.float64)
+    for i in range(3):
+        for j in range(5):
+            d = np.zeros_like(base)
+            d[i, j] = eps
+            num[i, j] = (np_focal(base + d, np.asarray(y), 0.25, 2) -
+                         np_focal(base - d, np.asarray(y), 0.25, 2)) / (2 * eps)
+    np.testing.assert_allclose(g, num, rtol=2e-3, atol=1e-5)
+
+
+def test_itm_loss_matches_numpy(rng):
+    b = 3
+    logits = rng.normal(size=(3 * b, 2))
+    labels = np.array([1] * b + [0] * 2 * b)
+    p = np_softmax(logits)
+    expected = -np.mean(np.log(p[np.arange(3 * b), labels]))
+    np.testing.assert_allclose(obj.itm_loss(jnp.asarray(logits, jnp.float32), b), expected, rtol=1e-5)
+
+
+def test_symbol_loss_matches_numpy(rng):
+    s = rng.normal(size=(5, 8))
+    s /= np.linalg.norm(s, axis=1, keepdims=True)
+    z = rng.normal(size=(5, 8))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    expected = np.mean(1 - (1 + np.sum(s * z, 1)) / 2)
+    np.testing.assert_allclose(obj.symbol_loss(jnp.asarray(s), jnp.asarray(z)), expected, rtol=1e-5)
+
+
+def test_mlm_loss_ignores_unlabelled_positions(rng):
+    logits = rng.normal(size=(2, 6, 11))
+    labels = np.full((2, 6), -100)
+    labels[0, 1], labels[0, 4], labels[1, 2] = 3, 7, 10
+    p = np_softmax(logits)
+    picks = [p[0, 1, 3], p[0, 4, 7], p[1, 2, 10]]
+    expected = -np.mean(np.log(picks))
+    np.testing.assert_allclose(obj.mlm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels)),
+                               expected, rtol=1e-5)
+    # No labelled position at all: defined as 0 rather than NaN.
+    assert float(obj.mlm_loss(jnp.asarray(logits, jnp.float32), jnp.full((2, 6), -100))) == 0.0
+
+
+def test_rtp_loss_averages_every_position(rng):
+    logits = rng.normal(size=(2, 5, 2))
+    labels = rng.integers(0, 2, size=(2, 5))
+    p = np_softmax(logits)
+    expected = -np.mean(np.log(np.take_along_axis(p, labels[..., None], -1)))
+    np.testing.assert_allclose(obj.rtp_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels)),
+                               expected, rtol=1e-5)
+
+
+def test_hard_negatives_never_pick_the_diagonal(rng):
+    b = 6
+    sim = jnp.asarray(rng.normal(size=(b, b)) * 3, jnp.float32)
+    for seed in range(20):
+        neg_img, neg_txt = obj.sample_hard_negatives(jax.random.PRNGKey(seed), sim, sim)
+        assert np.all(np.asarray(neg_img) != np.arange(b))
+        assert np.all(np.asarray(neg_txt) != np.arange(b))
+
+
+def test_hard_negative_distribution_is_softmax_without_diagonal(rng):
+    b = 4
+    sim = rng.normal(size=(b, b)).astype(np.float32)
+    # Reference: diagonal -> -1000, softmax, zero the diagonal, multinomial (renormalised).
+    w = sim.copy()
+    np.fill_diagonal(w, -1000)
+    w = np_softmax(w)
+    np.fill_diagonal(w, 0)
+    w /= w.sum(1, keepdims=True)
+    keys = jax.random.split(jax.random.PRNGKey(1), 4000)
+    draws = jax.vmap(lambda k: obj.sample_hard_negatives(k, jnp.asarray(sim), jnp.asarray(sim))[0])(keys)
+    freq = np.stack([np.bincount(np.asarray(draws[:, r]), minlength=b) for r in range(b)]) / 4000
+    np.testing.assert_allclose(freq, w, atol=0.03)
+
+
+def test_hard_negatives_exclude_same_product():
+    sim = jnp.zeros((4, 4))
+    exclude = jnp.asarray(np.array([0, 0, 1, 1])[:, None] == np.array([0, 0, 1, 1])[None, :])
+    for seed in range(10):
+        neg, _ = obj.sample_hard_negatives(jax.random.PRNGKey(seed), sim, sim, exclude)
+        assert np.all(np.asarray(neg)[:2] >= 2) and np.all(np.asarray(neg)[2:] < 2)
+
+
+def test_distill_alpha_ramps_over_epoch_zero():
+    vals = [float(obj.distill_alpha(jnp.asarray(s), 100, 0.4)) for s in (0, 50, 99, 100, 250)]
+    np.testing.assert_allclose(vals, [0.0, 0.2, 0.396, 0.4, 0.4], rtol=1e-6)
+    assert float(obj.distill_alpha(jnp.asarray(0), 100, 0.4, warm_up=False)) == pytest.approx(0.4)
+
+
+def test_soft_cross_entropy_matches_numpy(rng):
+    logits = rng.normal(size=(3, 7))
+    y = np_softmax(rng.normal(size=(3, 7)))
+    expected = -np.mean(np.sum(y * np.log(np_softmax(logits)), 1))
+    chex.assert_trees_all_close(obj.soft_cross_entropy(jnp.asarray(logits), jnp.asarray(y)),
+                                jnp.asarray(expected, jnp.float32), rtol=1e-5)

@@ -1,0 +1,170 @@
+"""The stage-1 train step: MAA pooling, temperature clamp, EMA and queues, compile-once, learning."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fine_jax.config import tiny_config
+from fine_jax.models.fine import MOMENTUM_MODULES, FashionFINE, ModelConfig
+from fine_jax.momentum import IDX_QUEUE_FILL
+from fine_jax.train_step import LossConfig, create_train_state, make_train_step
+
+
+def make_batch(cfg, seed=0, batch=None):
+    rng = np.random.default_rng(seed)
+    b = batch or cfg.train.global_batch_size
+    size, length, vocab = cfg.model.image_size, cfg.data.max_len, cfg.model.vocab_size
+    ids = rng.integers(5, vocab, size=(b, length)).astype(np.int32)
+    mask = np.ones((b, length), np.int32)
+    mask[:, length // 2:] = 0  # right padding
+    ids[mask == 0] = 0
+    labels = np.full((b, length), -100, np.int32)
+    labels[:, 3:6] = ids[:, 3:6]
+    replace = np.zeros((b, length), np.int32)
+    replace[:, 4] = 1
+    return {
+        "image": rng.normal(size=(b, size, size, 3)).astype(np.float32),
+        "input_ids": ids, "attention_mask": mask, "mask_labels": labels,
+        "replace_labels": replace, "idx": (np.arange(b) // 2).astype(np.int32),
+    }
+
+
+def build(cfg, optimizer=None, steps_per_epoch=100):
+    model = FashionFINE(ModelConfig.from_config(cfg.model))
+    loss_cfg = LossConfig.from_config(cfg.loss)
+    optimizer = optimizer or optax.adamw(1e-3, weight_decay=0.02)
+    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), loss_cfg.queue_size)
+    step = make_train_step(model, optimizer, loss_cfg, steps_per_epoch)
+    return model, state, step
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    c = tiny_config(vocab_size=512)
+    return c
+
+
+def test_maa_weights_sum_to_one_over_local_tokens(cfg):
+    model, state, _ = build(cfg)
+    batch = make_batch(cfg)
+    p = {"params": state["params"]}
+    img = model.apply(p, batch["image"], method=FashionFINE.encode_image)
+    txt = model.apply(p, batch["input_ids"], batch["attention_mask"], method=FashionFINE.encode_text)
+    _, _, w_img = model.apply(p, img, method=FashionFINE.image_features)
+    _, _, w_txt = model.apply(p, txt, batch["attention_mask"], method=FashionFINE.text_features)
+    n_patches = (cfg.model.image_size // cfg.model.patch_size) ** 2
+    assert w_img.shape == (8, n_patches)  # CLS excluded
+    assert w_txt.shape == (8, cfg.data.max_len - 2)  # [CLS] and the symbol slot excluded
+    np.testing.assert_allclose(w_img.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(w_txt.sum(-1), 1.0, rtol=1e-5)
+    # Reference behaviour: padding takes part in the softmax (method_spec §10 B1).
+    assert np.all(np.asarray(w_txt)[:, cfg.data.max_len // 2:] > 0)
+
+
+def test_masked_pooling_fix_gives_padding_no_weight(cfg):
+    c = tiny_config(vocab_size=512, mask_padding_in_pooling=True)
+    model, state, _ = build(c)
+    batch = make_batch(c)
+    p = {"params": state["params"]}
+    txt = model.apply(p, batch["input_ids"], batch["attention_mask"], method=FashionFINE.encode_text)
+    _, _, w = model.apply(p, txt, batch["attention_mask"], method=FashionFINE.text_features)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.asarray(w)[:, c.data.max_len // 2 - 2:] == 0)
+
+
+def test_momentum_covers_exactly_six_modules(cfg):
+    _, state, _ = build(cfg)
+    assert set(state["momentum"]) == set(MOMENTUM_MODULES)
+    assert state["queues"]["image"].shape == (cfg.loss.queue_size, cfg.model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(state["queues"]["text"], axis=1), 1.0, rtol=1e-5)
+    assert np.all(np.asarray(state["queues"]["idx"]) == IDX_QUEUE_FILL)
+
+
+def test_temperature_is_clamped_and_written_back(cfg):
+    model, state, step = build(cfg, optimizer=optax.sgd(0.0))
+    state["params"]["temp"] = jnp.asarray(0.9)
+    state, metrics = jax.jit(step)(state, make_batch(cfg), jax.random.PRNGKey(1))
+    assert float(metrics["temp"]) == pytest.approx(0.5)
+    assert float(state["params"]["temp"]) == pytest.approx(0.5)
+    state["params"]["temp"] = jnp.asarray(1e-5)
+    state, metrics = jax.jit(step)(state, make_batch(cfg), jax.random.PRNGKey(1))
+    assert float(state["params"]["temp"]) == pytest.approx(0.001)
+
+
+def test_ema_and_queues_after_three_steps(cfg):
+    c = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
+    model, state, step = build(c)
+    m = c.loss.momentum
+    jstep = jax.jit(step)
+    online = [state["params"]]
+    momentum = [state["momentum"]]
+    batches = [make_batch(c, seed=s) for s in range(3)]
+    for i, batch in enumerate(batches):
+        state, _ = jstep(state, batch, jax.random.PRNGKey(10 + i))
+        online.append(state["params"])
+    # Expected EMA, applied before each step's momentum forward with the pre-step online weights
+    # (the temperature clamp is a no-op at its initial value).
+    expected = momentum[0]
+    expected_per_step = []
+    for k in range(3):
+        expected = jax.tree_util.tree_map(lambda a, b: m * np.asarray(a) + (1 - m) * np.asarray(b),
+                                          expected, {n: online[k][n] for n in MOMENTUM_MODULES})
+        expected_per_step.append(expected)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           state["momentum"], expected_per_step[-1])
+    # Queue rows [kB, (k+1)B) hold step k's momentum features of the batch, then idx; ptr = 3B.
+    b = c.train.global_batch_size
+    q = state["queues"]
+    assert int(q["ptr"]) == 3 * b
+    for k, batch in enumerate(batches):
+        mp = {"params": {**online[k], **expected_per_step[k]}}
+        img = model.apply(mp, batch["image"], method=FashionFINE.encode_image)
+        txt = model.apply(mp, batch["input_ids"], batch["attention_mask"],
+                          method=FashionFINE.encode_text)
+        g_v = model.apply(mp, img, method=FashionFINE.image_global)
+        g_t = model.apply(mp, txt, method=FashionFINE.text_global)
+        np.testing.assert_allclose(q["image"][k * b:(k + 1) * b], g_v, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(q["text"][k * b:(k + 1) * b], g_t, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(q["idx"][k * b:(k + 1) * b], batch["idx"])
+    assert np.all(np.asarray(q["idx"][3 * b:]) == IDX_QUEUE_FILL)
+
+
+def test_queue_pointer_wraps(cfg):
+    c = tiny_config(vocab_size=512)
+    c.loss.queue_size = 16
+    _, state, step = build(c)
+    jstep = jax.jit(step)
+    for i in range(3):
+        state, _ = jstep(state, make_batch(c, seed=i), jax.random.PRNGKey(i))
+    assert int(state["queues"]["ptr"]) == (3 * 8) % 16
+
+
+def test_step_compiles_once(cfg):
+    model, state, step = build(cfg)
+    traces = []
+
+    def counted(s, b, r):
+        traces.append(1)
+        return step(s, b, r)
+
+    jstep = jax.jit(counted, donate_argnums=0)
+    for i in range(4):
+        state, metrics = jstep(state, make_batch(cfg, seed=i), jax.random.PRNGKey(i))
+    jax.block_until_ready(metrics)
+    assert len(traces) == 1
+
+
+def test_loss_goes_down_on_a_fixed_batch(cfg):
+    model, state, step = build(cfg, optimizer=optax.adamw(5e-4, weight_decay=0.02))
+    jstep = jax.jit(step, donate_argnums=0)
+    batch = make_batch(cfg)
+    losses = []
+    for i in range(25):
+        state, metrics = jstep(state, batch, jax.random.PRNGKey(i))
+        losses.append({k: float(v) for k, v in metrics.items()})
+    first, last = losses[0], losses[-1]
+    assert np.isfinite(last["loss"])
+    assert last["loss"] < 0.7 * first["loss"], (first, last)
+    assert last["loss_mlm"] < first["loss_mlm"]
+    assert last["loss_itc"] < first["loss_itc"]
