@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
         temp_min=0.001, temp_max=0.5, queue_size=65536,
         w_itc=1.0, w_itm=1.0, w_sym=1.0, w_mlm=1.0, w_rtp=1.0,
         itm_exclude_same_product=False,  # method_spec §10 B4 fix when True
+        scratch_warmup_steps=0,  # from-scratch training only, see train_step.LossConfig
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

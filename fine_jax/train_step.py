@@ -43,6 +43,14 @@ class LossConfig:
     w_rtp: float = 1.0
     # method_spec §10 B4: exclude same-product pairs from ITM negative sampling. Off = reference.
     itm_exclude_same_product: bool = False
+    # Training from random weights (the reference always starts from ALBEF / FashionSAP weights).
+    # A random BERT maps every caption to nearly the same [CLS] feature, and from that state the
+    # momentum keys, the stale queue, self-distillation and the symbol loss all pull towards a
+    # collapsed solution where every image and text embeds alike. For the first N steps the
+    # contrastive keys are the in-batch online features (momentum coefficient 0), the queue is
+    # left out of the softmax (it is still filled), distillation is off (alpha 0) and the symbol
+    # loss weight is 0; afterwards the full objective runs. 0 = reference (no warm-up).
+    scratch_warmup_steps: int = 0
 
     @classmethod
     def from_config(cls, cfg) -> "LossConfig":
@@ -74,6 +82,9 @@ def clamp_temperature(params: dict, lo: float, hi: float) -> dict:
     return out
 
 
+QUEUE_MASK = -1e4  # added to the logits of queue columns that are switched off (not -inf: 0 * -inf)
+
+
 def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
                     steps_per_epoch: int, schedule: Callable | None = None):
     """Builds the pure stage-1 step. ``steps_per_epoch`` drives the alpha ramp."""
@@ -83,7 +94,7 @@ def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation,
         rngs = {"dropout": rng} if rng is not None else None
         return model.apply({"params": p}, *args, method=method, rngs=rngs, **kwargs)
 
-    def loss_fn(params, momentum, queues, batch, rng, alpha):
+    def loss_fn(params, momentum, queues, batch, rng, alpha, queue_on):
         images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
         idx = batch["idx"]
         b = ids.shape[0]
@@ -111,7 +122,14 @@ def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation,
         sim_t2i = f32(z_t) @ f32(keys_v).T / temp
         sim_i2t_m = f32(g_v_m) @ f32(keys_t).T / temp
         sim_t2i_m = f32(g_t_m) @ f32(keys_v).T / temp
-        targets = obj.idx_targets(idx, jnp.concatenate([idx, queues["idx"]]))
+        queue_idx = queues["idx"]
+        if loss_cfg.scratch_warmup_steps > 0:
+            off = jnp.concatenate([jnp.zeros((b,)), jnp.full(queue_idx.shape, QUEUE_MASK)])
+            off = jnp.where(queue_on, 0.0, off)[None, :]
+            sim_i2t, sim_t2i = sim_i2t + off, sim_t2i + off
+            sim_i2t_m, sim_t2i_m = sim_i2t_m + off, sim_t2i_m + off
+            queue_idx = jnp.where(queue_on, queue_idx, jnp.iinfo(jnp.int32).min)
+        targets = obj.idx_targets(idx, jnp.concatenate([idx, queue_idx]))
         loss_itc, (loss_i2t, loss_t2i) = obj.focal_itc_loss(
             sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, targets, alpha, loss_cfg.alpha_focal,
             loss_cfg.gamma_focal)
@@ -135,7 +153,8 @@ def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation,
         loss_rtp = obj.rtp_loss(apply(params, M.rtp_logits, pos), batch["replace_labels"])
 
         c = loss_cfg
-        total = (c.w_itc * loss_itc + c.w_itm * loss_itm + c.w_sym * loss_sym + c.w_mlm * loss_mlm
+        w_sym = jnp.where(queue_on, c.w_sym, 0.0) if c.scratch_warmup_steps > 0 else c.w_sym
+        total = (c.w_itc * loss_itc + c.w_itm * loss_itm + w_sym * loss_sym + c.w_mlm * loss_mlm
                  + c.w_rtp * loss_rtp)
         metrics = {"loss": total, "loss_itc": loss_itc, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i,
                    "loss_itm": loss_itm, "loss_sym": loss_sym, "loss_mlm": loss_mlm,
@@ -144,10 +163,16 @@ def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation,
 
     def train_step(state, batch, rng):
         params = clamp_temperature(state["params"], loss_cfg.temp_min, loss_cfg.temp_max)
-        momentum = ema_update(state["momentum"], params, loss_cfg.momentum)
+        # queue_on is False only during the from-scratch warm-up (see LossConfig).
+        queue_on = state["step"] >= loss_cfg.scratch_warmup_steps
+        m = loss_cfg.momentum
         alpha = obj.distill_alpha(state["step"], steps_per_epoch, loss_cfg.alpha, loss_cfg.alpha_warmup)
+        if loss_cfg.scratch_warmup_steps > 0:
+            m = jnp.where(queue_on, m, 0.0)
+            alpha = jnp.where(queue_on, alpha, 0.0)
+        momentum = ema_update(state["momentum"], params, m)
         grads, (metrics, g_v_m, g_t_m) = jax.grad(loss_fn, has_aux=True)(
-            params, momentum, state["queues"], batch, rng, alpha)
+            params, momentum, state["queues"], batch, rng, alpha, queue_on)
         # Enqueue after the loss: the loss above saw the pre-step queue.
         queues = enqueue(state["queues"], g_v_m, g_t_m, batch["idx"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
