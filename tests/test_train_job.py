@@ -93,8 +93,8 @@ def test_reference_config_without_data_stops_with_one_message(tmp_path):
 
 def test_queue_not_divisible_by_global_batch_is_a_clear_error():
     c = config_lib.tiny_config()
-    c.loss.queue_size = 1000
-    with pytest.raises(config_lib.ConfigError, match="queue_size=1000 is not divisible"):
+    c.loss.queue_size = 1020
+    with pytest.raises(config_lib.ConfigError, match="queue_size=1020 is not divisible"):
         config_lib.validate(c)
     c = config_lib.base_config()
     config_lib.validate(c)  # the reference configuration itself is valid

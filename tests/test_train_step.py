@@ -168,3 +168,30 @@ def test_loss_goes_down_on_a_fixed_batch(cfg):
     assert last["loss"] < 0.7 * first["loss"], (first, last)
     assert last["loss_mlm"] < first["loss_mlm"]
     assert last["loss_itc"] < first["loss_itc"]
+
+
+def test_scratch_warmup_uses_online_keys_and_ignores_the_queue(cfg):
+    c = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
+    c.loss.scratch_warmup_steps = 2
+    model, state, step = build(c)
+    jstep = jax.jit(step)
+    batch = make_batch(c)
+    before = state["params"]
+    other = dict(state, queues=dict(state["queues"], image=-state["queues"]["image"],
+                                    text=-state["queues"]["text"]))
+    s1, m1 = jstep(state, batch, jax.random.PRNGKey(0))
+    s2, m2 = jstep(other, batch, jax.random.PRNGKey(0))
+    # During the warm-up the queue takes no part in the loss ...
+    np.testing.assert_allclose(m1["loss_itc"], m2["loss_itc"], rtol=1e-6)
+    assert float(m1["alpha"]) == 0.0
+    # ... the momentum modules track the online weights (coefficient 0) ...
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                           s1["momentum"], {k: before[k] for k in MOMENTUM_MODULES})
+    # ... and the queue is still filled.
+    assert int(s1["queues"]["ptr"]) == c.train.global_batch_size
+    # After the warm-up the full objective runs again: the queue matters.
+    s1, _ = jstep(s1, batch, jax.random.PRNGKey(1))
+    s3, m3 = jstep(s1, batch, jax.random.PRNGKey(2))
+    s4, m4 = jstep(dict(s1, queues=dict(s1["queues"], text=-s1["queues"]["text"])), batch,
+                   jax.random.PRNGKey(2))
+    assert not np.isclose(float(m3["loss_itc"]), float(m4["loss_itc"]))
