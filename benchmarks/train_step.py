@@ -25,7 +25,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 

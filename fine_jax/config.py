@@ -5,11 +5,23 @@ from it and override. Any value can be changed on the command line with ``--conf
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 
 class ConfigError(ValueError):
     """An impossible or inconsistent configuration; the message names the keys and the fix."""
+
+
+def dataclass_from_block(cls, block, name: str):
+    """Builds the frozen dataclass ``cls`` from config block ``name``; unknown keys are an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(block)
+    unknown = set(values) - fields
+    if unknown:
+        raise ConfigError(f"unknown {name} config keys: {sorted(unknown)}; known: {sorted(fields)}")
+    return cls(**values)
 
 
 def base_config() -> ml_collections.ConfigDict:

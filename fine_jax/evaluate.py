@@ -120,19 +120,10 @@ def evaluate(model, params, data, cfg, workdir, log=print) -> dict:
     return results
 
 
-def main(argv):
-    del argv
+if __name__ == "__main__":
+    from absl import app
+
     from fine_jax import train
 
-    train.run(FLAGS.config, FLAGS.workdir, evaluate_only=True)
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-    flags.DEFINE_string("workdir", None, "Directory holding the checkpoints to evaluate.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    train.define_flags("Directory holding the checkpoints to evaluate.")
+    app.run(train.cli_main(evaluate_only=True))

@@ -11,14 +11,12 @@ Writes ``metrics.jsonl`` and TensorBoard events (``tb/``) to the workdir, checkp
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fine_jax import config as config_lib
@@ -213,28 +211,40 @@ def run(cfg, workdir: str, evaluate_only: bool = False) -> dict | None:
     return results
 
 
-def main(argv):
-    del argv
-    from absl import logging as absl_logging
+def cli_main(evaluate_only: bool = False):
+    """absl main for ``fine_jax.train`` and ``fine_jax.evaluate``: known errors are one message."""
 
-    # orbax logs every checkpoint phase at INFO; keep the console to the training progress.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        run(FLAGS.config, FLAGS.workdir)
-    except datasets.DatasetMissing as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except config_lib.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    def main(argv):
+        del argv
+        from absl import flags
+        from absl import logging as absl_logging
+
+        # orbax logs every checkpoint phase at INFO; keep the console to the training progress.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        FLAGS = flags.FLAGS
+        try:
+            run(FLAGS.config, FLAGS.workdir, evaluate_only=evaluate_only)
+        except datasets.DatasetMissing as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except config_lib.ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return main
+
+
+def define_flags(workdir_help: str) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import app
 
-    FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    define_flags("Directory for checkpoints, metrics and results.")
+    app.run(cli_main())

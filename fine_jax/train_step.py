@@ -54,11 +54,9 @@ class LossConfig:
 
     @classmethod
     def from_config(cls, cfg) -> "LossConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(dict(cfg)) - fields
-        if unknown:
-            raise ValueError(f"unknown loss config keys: {sorted(unknown)}; known: {sorted(fields)}")
-        return cls(**dict(cfg))
+        from fine_jax.config import dataclass_from_block
+
+        return dataclass_from_block(cls, cfg, "loss")
 
 
 def create_train_state(model: FashionFINE, optimizer: optax.GradientTransformation, rng: jax.Array,

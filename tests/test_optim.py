@@ -1,7 +1,6 @@
 """Learning-rate schedule values (method_spec §8.3) and the weight-decay mask (§8.2)."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from fine_jax.optim import ScheduleConfig, reference_lr, weight_decay_mask

@@ -66,12 +66,9 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(cfg).items() if k in fields}
-        unknown = set(dict(cfg)) - fields
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}; known: {sorted(fields)}")
-        return cls(**values)
+        from fine_jax.config import dataclass_from_block
+
+        return dataclass_from_block(cls, cfg, "model")
 
     def validate(self) -> None:
         if self.image_size % self.patch_size:
