@@ -75,9 +75,12 @@ def retrieval_metrics(z_v: np.ndarray, z_t: np.ndarray, source, twins, candidate
 
     candidates_path = pathlib.Path(candidates_path)
     product_ids = [int(pid) for pid, _ in source.productid_list]
-    if candidates_path.is_file():
-        cands = retrieval.load_candidates(candidates_path)
-    else:
+    cands = retrieval.load_candidates(candidates_path) if candidates_path.is_file() else None
+    if cands is not None and (cands.get("n_images") != len(img_product)
+                              or cands.get("n_products") != len(product_ids)
+                              or cands.get("seed") != cfg_eval.sample100_seed):
+        cands = None  # drawn for another split or seed: draw again (and overwrite)
+    if cands is None:
         cands = retrieval.sample100_candidates(
             img_product, meta["subcategory"], product_ids_order=product_ids,
             seed=cfg_eval.sample100_seed, n_queries=cfg_eval.sample100_queries,
