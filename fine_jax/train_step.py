@@ -51,6 +51,9 @@ class LossConfig:
     # left out of the softmax (it is still filled), distillation is off (alpha 0) and the symbol
     # loss weight is 0; afterwards the full objective runs. 0 = reference (no warm-up).
     scratch_warmup_steps: int = 0
+    # During that warm-up, keep the queue in the softmax (its keys are then the online features of
+    # the last queue_size / batch steps): many more negatives than the batch alone.
+    scratch_warmup_queue: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "LossConfig":
@@ -84,9 +87,19 @@ QUEUE_MASK = -1e4  # added to the logits of queue columns that are switched off 
 
 
 def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
-                    steps_per_epoch: int, schedule: Callable | None = None):
-    """Builds the pure stage-1 step. ``steps_per_epoch`` drives the alpha ramp."""
+                    steps_per_epoch: int, schedule: Callable | None = None,
+                    total_steps: int | None = None):
+    """Builds the pure stage-1 step. ``steps_per_epoch`` drives the alpha ramp.
+
+    ``total_steps``, when given and covered entirely by the from-scratch warm-up, lets the step
+    skip the momentum forward: during the warm-up the momentum coefficient is 0, so the momentum
+    towers hold the online weights and their features equal the online global features (exactly
+    so without dropout; with dropout the momentum BERT would draw its own mask). Nothing else
+    changes, and the momentum copies and queues are still kept up to date.
+    """
     M = FashionFINE
+    online_keys = (loss_cfg.scratch_warmup_steps > 0 and total_steps is not None
+                   and loss_cfg.scratch_warmup_steps >= total_steps)
 
     def apply(p, method, *args, rng=None, **kwargs):
         rngs = {"dropout": rng} if rng is not None else None
@@ -101,15 +114,18 @@ def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation,
         # Online unimodal features (on the corrupted stage-1 text, as in the reference).
         img = apply(params, M.encode_image, images)
         txt = apply(params, M.encode_text, ids, mask, deterministic=False, rng=r_txt)
-        _, z_v, _ = apply(params, M.image_features, img)
-        _, z_t, _ = apply(params, M.text_features, txt, mask)
+        g_v, z_v, _ = apply(params, M.image_features, img)
+        g_t, z_t, _ = apply(params, M.text_features, txt, mask)
 
-        # Momentum features: global CLS only, no MAA; the momentum BERT runs with dropout (B15).
-        mparams = {**params, **momentum}
-        img_m = apply(mparams, M.encode_image, images)
-        txt_m = apply(mparams, M.encode_text, ids, mask, deterministic=False, rng=r_txt_m)
-        g_v_m = jax.lax.stop_gradient(apply(mparams, M.image_global, img_m))
-        g_t_m = jax.lax.stop_gradient(apply(mparams, M.text_global, txt_m))
+        if online_keys:  # warm-up for the whole run: momentum == online (see the docstring)
+            g_v_m, g_t_m = jax.lax.stop_gradient(g_v), jax.lax.stop_gradient(g_t)
+        else:
+            # Momentum features: global CLS only, no MAA; the momentum BERT runs with dropout (B15).
+            mparams = {**params, **momentum}
+            img_m = apply(mparams, M.encode_image, images)
+            txt_m = apply(mparams, M.encode_text, ids, mask, deterministic=False, rng=r_txt_m)
+            g_v_m = jax.lax.stop_gradient(apply(mparams, M.image_global, img_m))
+            g_t_m = jax.lax.stop_gradient(apply(mparams, M.text_global, txt_m))
 
         # Focal ITC with distillation against [local batch; queue] keys and product-id targets.
         temp = params["temp"]
@@ -121,7 +137,7 @@ def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation,
         sim_i2t_m = f32(g_v_m) @ f32(keys_t).T / temp
         sim_t2i_m = f32(g_t_m) @ f32(keys_v).T / temp
         queue_idx = queues["idx"]
-        if loss_cfg.scratch_warmup_steps > 0:
+        if loss_cfg.scratch_warmup_steps > 0 and not loss_cfg.scratch_warmup_queue:
             off = jnp.concatenate([jnp.zeros((b,)), jnp.full(queue_idx.shape, QUEUE_MASK)])
             off = jnp.where(queue_on, 0.0, off)[None, :]
             sim_i2t, sim_t2i = sim_i2t + off, sim_t2i + off

@@ -195,3 +195,43 @@ def test_scratch_warmup_uses_online_keys_and_ignores_the_queue(cfg):
     s4, m4 = jstep(dict(s1, queues=dict(s1["queues"], text=-s1["queues"]["text"])), batch,
                    jax.random.PRNGKey(2))
     assert not np.isclose(float(m3["loss_itc"]), float(m4["loss_itc"]))
+
+
+def test_warmup_for_the_whole_run_skips_the_momentum_forward_with_the_same_result(cfg):
+    c = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
+    c.loss.scratch_warmup_steps = 10
+    model = FashionFINE(ModelConfig.from_config(c.model))
+    loss_cfg = LossConfig.from_config(c.loss)
+    optimizer = optax.adamw(1e-3, weight_decay=0.02)
+    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), loss_cfg.queue_size)
+    full = jax.jit(make_train_step(model, optimizer, loss_cfg, 100))
+    short = jax.jit(make_train_step(model, optimizer, loss_cfg, 100, total_steps=10))
+    # The shortcut really leaves out the momentum towers: the compiled step does less work.
+    batch = make_batch(c)
+    rng = jax.random.PRNGKey(3)
+    flops = [f.lower(state, batch, rng).compile().cost_analysis()["flops"] for f in (full, short)]
+    assert flops[1] < 0.95 * flops[0]
+    s_full, s_short = state, state
+    for i in range(3):
+        s_full, m_full = full(s_full, make_batch(c, seed=i), jax.random.PRNGKey(i))
+        s_short, m_short = short(s_short, make_batch(c, seed=i), jax.random.PRNGKey(i))
+        np.testing.assert_allclose(m_full["loss"], m_short["loss"], rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           s_full, s_short)
+
+
+def test_scratch_warmup_can_keep_the_queue_in_the_softmax(cfg):
+    c = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
+    c.loss.scratch_warmup_steps = 5
+    c.loss.scratch_warmup_queue = True
+    model, state, step = build(c)
+    jstep = jax.jit(step)
+    batch = make_batch(c)
+    other = dict(state, queues=dict(state["queues"], text=-state["queues"]["text"]))
+    s1, m1 = jstep(state, batch, jax.random.PRNGKey(0))
+    _, m2 = jstep(other, batch, jax.random.PRNGKey(0))
+    assert not np.isclose(float(m1["loss_itc"]), float(m2["loss_itc"]))
+    # Still the warm-up otherwise: no distillation, momentum = online weights.
+    assert float(m1["alpha"]) == 0.0
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                           s1["momentum"], {k: state["params"][k] for k in MOMENTUM_MODULES})
