@@ -1,4 +1,5 @@
 """Shared pytest fixtures."""
+import json
 import os
 import pathlib
 
@@ -16,3 +17,9 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture
+def reference_state_dict_shapes(shared_data):
+    """{layout: {key: shape}} of the reference PyTorch models at the reference size."""
+    return json.loads((shared_data / "reference_state_dict_shapes.json").read_text())

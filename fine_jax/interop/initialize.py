@@ -1,0 +1,118 @@
+"""Where a fresh training run takes its initial weights from: the ``init`` block of the config.
+
+* ``init.checkpoint``: a weights checkpoint from ``python -m fine_jax.convert`` (or a training
+  workdir). Its params, momentum parameters and, with ``init.queues``, queues replace the random
+  ones; the run still starts at step 0 with a fresh optimiser, as the reference's stages 2 and 3
+  start from a stage-1 checkpoint (method_spec §1.6-§1.7).
+* ``init.bert`` / ``init.vit``: public tower weights (``fine_jax.interop.towers``); the momentum
+  copies are then copies of the new online weights, as the reference builds them.
+
+Resuming a workdir ignores all of this: its own checkpoint wins.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from fine_jax.checkpoint import WeightsNotFound, read_weights
+from fine_jax.config import ConfigError
+from fine_jax.interop import io, towers
+from fine_jax.interop.reference import ConversionError
+from fine_jax.models.fine import momentum_subset
+
+# Model settings that change what the weights compute without changing any shape.
+ARCHITECTURE_FIELDS = ("vision_heads", "num_heads", "fusion_layer", "vision_ln_eps", "bert_ln_eps")
+
+
+def requested(cfg) -> bool:
+    init = cfg.get("init")
+    return bool(init and (init.checkpoint or init.bert or init.vit))
+
+
+def _check_same_tree(name: str, ours, theirs) -> None:
+    ours, theirs = traverse_util.flatten_dict(ours), traverse_util.flatten_dict(theirs)
+    problems = [f"{'/'.join(p)}: missing" for p in sorted(set(ours) - set(theirs))]
+    problems += [f"{'/'.join(p)}: not in this model" for p in sorted(set(theirs) - set(ours))]
+    problems += [f"{'/'.join(p)}: checkpoint {tuple(np.shape(theirs[p]))}, config "
+                 f"{tuple(np.shape(ours[p]))}" for p in sorted(set(ours) & set(theirs))
+                 if np.shape(ours[p]) != np.shape(theirs[p])]
+    if problems:
+        raise ConfigError(f"init.checkpoint {name} do not fit the model config:\n  "
+                          + "\n  ".join(problems[:30]))
+
+
+def _check_architecture(cfg, info: dict) -> None:
+    saved = info.get("config", {}).get("model", {})
+    diff = [f"model.{f}: checkpoint {saved[f]}, config {cfg.model[f]}" for f in ARCHITECTURE_FIELDS
+            if f in saved and saved[f] != cfg.model[f]]
+    if diff:
+        raise ConfigError("init.checkpoint was made for another model: " + "; ".join(diff))
+
+
+def from_checkpoint(cfg, state: dict, log=print) -> dict:
+    """``state`` with params, momentum (and queues) read from ``init.checkpoint``."""
+    parts = ("params", "momentum", "queues") if cfg.init.queues else ("params", "momentum")
+    try:
+        weights, info = read_weights(cfg.init.checkpoint, parts)
+    except WeightsNotFound as e:
+        raise ConfigError(f"init.checkpoint: {e}") from None
+    _check_architecture(cfg, info)
+    state = dict(state)
+    for part in parts:
+        if part not in weights:
+            raise ConfigError(f"init.checkpoint {cfg.init.checkpoint} holds no {part}")
+        if part == "queues":
+            size = weights["queues"]["image"].shape[0]
+            if size != cfg.loss.queue_size:
+                raise ConfigError(
+                    f"init.checkpoint has queues of {size} entries but loss.queue_size="
+                    f"{cfg.loss.queue_size}; set --config.loss.queue_size={size} or start with fresh "
+                    "queues: --config.init.queues=False")
+        _check_same_tree(part, state[part], weights[part])
+        state[part] = weights[part]
+    log(f"initialised {', '.join(parts)} from {cfg.init.checkpoint}")
+    return state
+
+
+def _read_tower_file(spec: str, allow_download: bool) -> dict:
+    """A local file or folder; a Hugging Face hub id only when downloads are allowed."""
+    if pathlib.Path(spec).expanduser().exists():
+        return io.read_weights(spec)
+    if not allow_download:
+        raise ConfigError(f"{spec} is not a local file or folder; to fetch it from the Hugging Face "
+                          "hub, set --config.init.allow_download=True")
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin"])
+    return io.read_weights(folder)
+
+
+def from_towers(cfg, state: dict, log=print) -> dict:
+    """``state`` with the BERT and/or ViT tower filled from ``init.bert`` / ``init.vit``."""
+    host = jax.device_get(state["params"])
+    params = traverse_util.flatten_dict({"params": host})
+    for spec, load in ((cfg.init.bert, towers.bert_tower), (cfg.init.vit, towers.vit_tower)):
+        if not spec:
+            continue
+        try:
+            arrays, report = load(_read_tower_file(spec, cfg.init.allow_download), host)
+        except (ConversionError, io.WeightsFileError) as e:
+            raise ConfigError(f"{spec}: {e}") from None
+        params.update(arrays)
+        log(f"initialised from {spec}:")
+        for line in report.lines():
+            log(f"  {line}")
+    new_params = traverse_util.unflatten_dict(params)["params"]
+    state = dict(state, params=new_params)
+    state["momentum"] = jax.tree_util.tree_map(np.copy, momentum_subset(new_params))
+    return state
+
+
+def initialise(cfg, state: dict, log=print) -> dict:
+    """Applies the ``init`` block to a freshly created train state (numpy leaves where replaced)."""
+    if cfg.init.checkpoint:
+        return from_checkpoint(cfg, state, log)
+    return from_towers(cfg, state, log)
