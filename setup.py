@@ -22,8 +22,16 @@ setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",
         "absl-py>=2.1",
+        # FashionGen as a tfds ArrayRecord dataset (fine_jax.data.prepare), read without TensorFlow.
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        # WordNet antonyms/synonyms of the stage-1 text, from local WordNet 3.0 files.
+        "nltk>=3.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Reading and writing PyTorch checkpoints (fine_jax.convert / fine_jax.export) and the
+        # parity tests. The CPU wheel is enough; fine_jax itself never imports torch.
+        "torch": ["torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
     },
 )

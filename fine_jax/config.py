@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
         w_itc=1.0, w_itm=1.0, w_sym=1.0, w_mlm=1.0, w_rtp=1.0,
         itm_exclude_same_product=False,  # method_spec §10 B4 fix when True
         scratch_warmup_steps=0,  # from-scratch training only, see train_step.LossConfig
+        scratch_warmup_queue=False,
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
@@ -54,14 +55,22 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        # "fashiongen": the real FashionGen HDF5 release; "synthetic": the embedded demo set.
+        # "fashiongen": real FashionGen in data_dir; "synthetic": the embedded demo set.
         source="fashiongen",
         data_dir="data/fashiongen",
+        # FashionGen form in data_dir: "auto" (detect), "arrayrecord" (fine_jax.data.prepare),
+        # "h5" (the release files below) or "reference_json" (info_data.json + images_dir/).
+        format="auto",
         train_file="fashiongen_256_256_train.h5",
         eval_file="fashiongen_256_256_validation.h5",
+        images_dir="images",  # reference_json: folder of the PNG files named in annotation/
         vocab_file="vocab.txt",
         category_file="categorys_to_sign.txt",
-        lexicon_file="",  # JSON lexicon of antonyms/synonyms; empty = none
+        # Antonyms/synonyms of the stage-1 corruption: "wordnet" (local WordNet 3.0 files in
+        # wordnet_dir, default: found in /usr/share/wordnet), "json" (lexicon_file) or "none".
+        lexicon="wordnet",
+        wordnet_dir="",
+        lexicon_file="",  # JSON lexicon of antonyms/synonyms, for lexicon="json"
         max_len=180,
         crop_scale=(0.5, 1.0),
         hflip=True,
@@ -88,6 +97,15 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=2,
         eval_at_end=True,
         eval_every_epoch=False,
+    ))
+
+    # Initial weights of a fresh run (fine_jax.interop.initialize); a resumed run ignores them.
+    c.init = ml_collections.ConfigDict(dict(
+        checkpoint="",  # weights from python -m fine_jax.convert (or a training workdir)
+        queues=True,  # also take the checkpoint's queues (their size must be loss.queue_size)
+        bert="",  # bert-base-uncased folder / .safetensors / .bin, or a hub id (allow_download)
+        vit="",  # timm/DeiT ViT-B/16 .pth / .safetensors / folder, or a hub id (allow_download)
+        allow_download=False,  # let init.bert / init.vit fetch a Hugging Face hub id
     ))
 
     c.eval = ml_collections.ConfigDict(dict(
@@ -133,11 +151,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                           f"{m.hidden_size}: one adapter pools both modalities at one width")
     if not (0.0 <= m.img_patch_ratio <= 1.0 and 0.0 <= m.text_patch_ratio <= 1.0):
         raise ConfigError("model.img_patch_ratio and model.text_patch_ratio must lie in [0, 1]")
+    if d.format not in ("auto", "arrayrecord", "h5", "reference_json"):
+        raise ConfigError(f"data.format={d.format!r}: use auto, arrayrecord, h5 or reference_json")
+    if d.lexicon not in ("wordnet", "json", "none"):
+        raise ConfigError(f"data.lexicon={d.lexicon!r}: use wordnet, json or none")
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < lo <= hi <= 1")
     if config.optim.epochs < 1:
         raise ConfigError("optim.epochs must be at least 1")
+    if config.init.checkpoint and (config.init.bert or config.init.vit):
+        raise ConfigError("init.checkpoint already holds both towers; leave init.bert and init.vit "
+                          "empty when it is set")
 
 
 # The "tiny" size used by tests and by benchmarks/train_step.py, fixed so that step times can be

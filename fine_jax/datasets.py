@@ -1,81 +1,166 @@
 """Resolve the configured dataset into sources, tokenizer and tables, with clear errors.
 
 ``data.source = "synthetic"`` generates (once, cached) the embedded demo set; ``"fashiongen"``
-expects the FashionGen release files and the reference tables in ``data.data_dir``.
+reads FashionGen from ``data.data_dir`` in any of its three forms (``data.format``, ``"auto"``
+detects it from the files there):
+
+* ``"arrayrecord"``: the tfds ArrayRecord dataset written by ``python -m fine_jax.data.prepare``;
+* ``"h5"``: the release files ``fashiongen_256_256_{train,validation}.h5``;
+* ``"reference_json"``: the reference repositories' layout (``{train,validation}/info_data.json``,
+  ``productid_list.json``, ``annotation/fashiongen_{train,val}.json`` and ``images/``).
+
+All three give the same records. The vocab and the category table are read from ``data.data_dir``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 
 from fine_jax.data import text as text_ops
-from fine_jax.data.fashiongen import FashionGenH5Source
+
+SPLITS = ("train", "validation")
+FORMATS = ("auto", "arrayrecord", "h5", "reference_json")
+LEXICONS = ("wordnet", "json", "none")
 
 
 class DatasetMissing(RuntimeError):
     """The dataset is not where the config says; the message says what to put where."""
 
 
+class DatasetInvalid(DatasetMissing):
+    """The dataset is there but a file is malformed; the message names the file and the field."""
+
+
 @dataclasses.dataclass
 class ResolvedData:
-    train: FashionGenH5Source
-    eval: FashionGenH5Source
+    train: object  # a FashionGen row source (fine_jax.data.fashiongen / reference_json / arrayrecord)
+    eval: object
     tokenizer: text_ops.Tokenizer
     category_symbols: dict
-    lexicon: text_ops.Lexicon
+    lexicon: object  # text.Lexicon or wordnet.WordNetLexicon
     twins: list  # [(product_id_a, product_id_b), ...] in the evaluation split, may be empty
     root: pathlib.Path
+    format: str = "h5"
 
 
 FASHIONGEN_HELP = """\
 FashionGen was not found in data.data_dir={root}.
-Expected there:
-  {train}   (FashionGen release, HDF5)
-  {eval}   (FashionGen release, HDF5)
+Expected there one of three forms of FashionGen (data.format={fmt!r}):
+  (1) fashiongen/1.0.0/dataset_info.json + ArrayRecord shards, written by
+        python -m fine_jax.data.prepare --input=DIR_WITH_FASHIONGEN --output={root}
+  (2) {train} and {eval}   (the FashionGen 256x256 release, HDF5)
+  (3) train/info_data.json, train/productid_list.json, validation/info_data.json,
+      validation/productid_list.json, annotation/fashiongen_train.json,
+      annotation/fashiongen_val.json and images/   (the reference repositories' layout)
+and beside it:
   {vocab}   (the reference BERT vocab with the 9 fashion symbols at ids 1-9,
               fashion_annotation/vocab.txt of the Fashion-FINE / FashionSAP repositories)
   {category}   (FashionSAP fashion_annotation/categorys_to_sign.txt)
-Download the two .h5 files of the FashionGen 256x256 release (https://fashion-gen.com, by request),
-put them with the two text files in one folder, and pass --config.data.data_dir=/that/folder.
+The release files come from https://fashion-gen.com (by request). Put them with the two text
+files in one folder and pass --config.data.data_dir=/that/folder.
 To try fine_jax without FashionGen, run the embedded demo: --config=configs/demo.py"""
 
 
-def _synthetic_root(cfg) -> pathlib.Path:
-    return pathlib.Path(cfg.data.data_dir).expanduser()
+def detect_format(root: str | os.PathLike, train_file: str = "fashiongen_256_256_train.h5",
+                  eval_file: str = "fashiongen_256_256_validation.h5") -> str | None:
+    """The FashionGen form found in ``root`` (prepared ArrayRecord first, it is the fastest)."""
+    from fine_jax.data import arrayrecord, reference_json
+
+    root = pathlib.Path(root)
+    if arrayrecord.find_dataset_dir(root) is not None:
+        return "arrayrecord"
+    if (root / train_file).is_file() or (root / eval_file).is_file():
+        return "h5"
+    if any((root / split / reference_json.INFO_FILE).is_file() for split in SPLITS):
+        return "reference_json"
+    return None
+
+
+def open_fashiongen(root: str | os.PathLike, split: str, fmt: str,
+                    train_file: str = "fashiongen_256_256_train.h5",
+                    eval_file: str = "fashiongen_256_256_validation.h5", images_dir: str = "images"):
+    """The row source of one split (``"train"`` or ``"validation"``) in form ``fmt``."""
+    from fine_jax.data import arrayrecord, reference_json
+    from fine_jax.data.fashiongen import FashionGenH5Source
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = pathlib.Path(root)
+    if fmt == "arrayrecord":
+        return arrayrecord.FashionGenArrayRecordSource(root, split)
+    if fmt == "h5":
+        return FashionGenH5Source(root / (train_file if split == "train" else eval_file))
+    if fmt == "reference_json":
+        return reference_json.FashionGenJsonSource(root, split, images_dir=images_dir)
+    raise ValueError(f"data.format={fmt!r} is not known; use one of {FORMATS}")
+
+
+def make_lexicon(d, root: pathlib.Path):
+    """The antonym/synonym lexicon of the stage-1 corruption, per ``data.lexicon``."""
+    from fine_jax.data import wordnet
+
+    if d.lexicon == "none":
+        return text_ops.Lexicon.empty()
+    if d.lexicon == "json":
+        if not d.lexicon_file:
+            raise DatasetMissing("data.lexicon='json' needs data.lexicon_file (a JSON file with "
+                                 "'antonyms' and 'synonyms' tables)")
+        return text_ops.Lexicon.from_json(root / d.lexicon_file)
+    if d.lexicon == "wordnet":
+        try:
+            return wordnet.WordNetLexicon(d.wordnet_dir or None)
+        except wordnet.WordNetMissing as e:
+            raise DatasetMissing(str(e)) from None
+    raise DatasetMissing(f"data.lexicon={d.lexicon!r} is not known; use one of {LEXICONS}")
+
+
+def _resolve_synthetic(cfg) -> ResolvedData:
+    from fine_jax.data import synthetic
+    from fine_jax.data.fashiongen import FashionGenH5Source
+
+    d = cfg.data
+    root = synthetic.ensure_dataset(
+        pathlib.Path(d.data_dir).expanduser(), seed=d.synthetic_seed,
+        num_train=d.synthetic_train_products, num_validation=d.synthetic_eval_products,
+        views=d.synthetic_views, image_size=d.synthetic_image_size)
+    with open(root / synthetic.TWINS_FILE.format(split="validation")) as f:
+        twins = [(int(a), int(b)) for a, b, *_ in json.load(f)]
+    return ResolvedData(
+        train=FashionGenH5Source(root / synthetic.TRAIN_FILE),
+        eval=FashionGenH5Source(root / synthetic.VALIDATION_FILE),
+        tokenizer=text_ops.Tokenizer.from_vocab_file(root / synthetic.VOCAB_FILE),
+        category_symbols=text_ops.load_category_symbols(root / synthetic.CATEGORY_SIGN_FILE),
+        lexicon=text_ops.Lexicon.from_json(root / synthetic.LEXICON_FILE), twins=twins, root=root,
+        format="h5")
 
 
 def resolve(cfg) -> ResolvedData:
     d = cfg.data
     if d.source == "synthetic":
-        from fine_jax.data import synthetic
-
-        root = synthetic.ensure_dataset(
-            _synthetic_root(cfg), seed=d.synthetic_seed, num_train=d.synthetic_train_products,
-            num_validation=d.synthetic_eval_products, views=d.synthetic_views,
-            image_size=d.synthetic_image_size)
-        with open(root / synthetic.TWINS_FILE.format(split="validation")) as f:
-            twins = [(int(a), int(b)) for a, b, *_ in json.load(f)]
-        return ResolvedData(
-            train=FashionGenH5Source(root / synthetic.TRAIN_FILE),
-            eval=FashionGenH5Source(root / synthetic.VALIDATION_FILE),
-            tokenizer=text_ops.Tokenizer.from_vocab_file(root / synthetic.VOCAB_FILE),
-            category_symbols=text_ops.load_category_symbols(root / synthetic.CATEGORY_SIGN_FILE),
-            lexicon=text_ops.Lexicon.from_json(root / synthetic.LEXICON_FILE), twins=twins,
-            root=root)
+        return _resolve_synthetic(cfg)
     if d.source != "fashiongen":
         raise DatasetMissing(f"data.source={d.source!r} is not known; use 'fashiongen' or 'synthetic'")
     root = pathlib.Path(d.data_dir).expanduser()
-    files = {"train": d.train_file, "eval": d.eval_file, "vocab": d.vocab_file,
-             "category": d.category_file}
-    missing = [name for name in files.values() if not (root / name).is_file()]
+    help_text = FASHIONGEN_HELP.format(root=root, fmt=d.format, train=d.train_file, eval=d.eval_file,
+                                       vocab=d.vocab_file, category=d.category_file)
+    if not root.is_dir():
+        raise DatasetMissing(help_text + f"\nMissing: the folder {root} itself does not exist")
+    fmt = detect_format(root, d.train_file, d.eval_file) if d.format == "auto" else d.format
+    if fmt is None:
+        raise DatasetMissing(help_text + f"\nMissing: no FashionGen files in {root}")
+    missing = [name for name in (d.vocab_file, d.category_file) if not (root / name).is_file()]
     if missing:
-        raise DatasetMissing(FASHIONGEN_HELP.format(root=root, **files) +
-                             f"\nMissing: {', '.join(missing)}")
-    lexicon = text_ops.Lexicon.from_json(root / d.lexicon_file) if d.lexicon_file else \
-        text_ops.Lexicon.empty()
-    return ResolvedData(
-        train=FashionGenH5Source(root / d.train_file), eval=FashionGenH5Source(root / d.eval_file),
-        tokenizer=text_ops.Tokenizer.from_vocab_file(root / d.vocab_file),
-        category_symbols=text_ops.load_category_symbols(root / d.category_file),
-        lexicon=lexicon, twins=[], root=root)
+        raise DatasetMissing(help_text + f"\nMissing: {', '.join(missing)}")
+    try:
+        train = open_fashiongen(root, "train", fmt, d.train_file, d.eval_file, d.images_dir)
+        evaluation = open_fashiongen(root, "validation", fmt, d.train_file, d.eval_file, d.images_dir)
+        tokenizer = text_ops.Tokenizer.from_vocab_file(root / d.vocab_file)
+        symbols = text_ops.load_category_symbols(root / d.category_file)
+    except FileNotFoundError as e:
+        raise DatasetMissing(f"{e}\n\n{help_text}") from None
+    except (ValueError, KeyError) as e:
+        raise DatasetInvalid(f"FashionGen in {root} (format {fmt}): {e}") from None
+    return ResolvedData(train=train, eval=evaluation, tokenizer=tokenizer, category_symbols=symbols,
+                        lexicon=make_lexicon(d, root), twins=[], root=root, format=fmt)

@@ -23,6 +23,7 @@ from fine_jax import config as config_lib
 from fine_jax import datasets, evaluate, parallel
 from fine_jax.checkpoint import Checkpointer, abstract_like
 from fine_jax.data import pipeline
+from fine_jax.interop import initialize
 from fine_jax.models.fine import FashionFINE, ModelConfig
 from fine_jax.optim import make_optimizer
 from fine_jax.train_step import LossConfig, create_train_state, make_train_step
@@ -135,6 +136,8 @@ def run(cfg, workdir: str, evaluate_only: bool = False) -> dict | None:
     if start is not None:
         state = ckpt.restore(start, abstract_like(state), data_iter)
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    elif initialize.requested(cfg):  # a fresh run from converted / public weights (config.init)
+        state = jax.device_put(initialize.initialise(cfg, state, log), repl)
     start = int(start or 0)
 
     if evaluate_only:
@@ -145,7 +148,7 @@ def run(cfg, workdir: str, evaluate_only: bool = False) -> dict | None:
         return results
 
     # --- train loop -------------------------------------------------------------------------
-    step_fn = make_train_step(model, optimizer, loss_cfg, spe, schedule)
+    step_fn = make_train_step(model, optimizer, loss_cfg, spe, schedule, total_steps=total_steps)
     batch_shard = parallel.batch_sharding(mesh)
     jstep = jax.jit(step_fn, in_shardings=(repl, batch_shard, repl), out_shardings=(repl, repl),
                     donate_argnums=0)
@@ -161,9 +164,12 @@ def run(cfg, workdir: str, evaluate_only: bool = False) -> dict | None:
     t_last, n_last = time.time(), start
     t_start = time.time()
     step = start
+    bad_records = 0  # unreadable records the pipeline replaced (this process, this run)
     try:
         while step < total_steps:
-            batch = parallel.global_batch(next(data_iter), mesh)
+            host_batch = next(data_iter)
+            bad_records += int(np.sum(host_batch.pop(pipeline.BAD_KEY, 0)))
+            batch = parallel.global_batch(host_batch, mesh)
             state, metrics = jstep(state, batch, jax.random.fold_in(base_rng, step))
             step += 1
             if step == start + 1:
@@ -175,9 +181,10 @@ def run(cfg, workdir: str, evaluate_only: bool = False) -> dict | None:
                 now = time.time()
                 rate = (step - n_last) * bg / max(now - t_last, 1e-9) if step > n_last else 0.0
                 eta = (total_steps - step) * bg / rate if rate > 0 else 0.0
-                metrics.update(examples_per_s=rate, epoch=step / spe)
+                metrics.update(examples_per_s=rate, epoch=step / spe, bad_records=bad_records)
                 writer.write(step, metrics)
-                log(format_line(step, total_steps, metrics, rate, eta))
+                log(format_line(step, total_steps, metrics, rate, eta) +
+                    (f" | {bad_records} unreadable records replaced" if bad_records else ""))
                 if not np.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; the last "
                                              "good checkpoint is kept in "

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
+from fine_jax.data.image import CorruptImage
+
 IMAGE_FIELD = "input_image"
 
 # Text fields that the pipeline reads: output key -> HDF5 dataset.
@@ -69,6 +71,17 @@ def product_runs(product_ids: Sequence[int]) -> list[tuple[int, list[int]]]:
     return [(int(ids[s]), list(range(int(s), int(e)))) for s, e in zip(starts, ends)]
 
 
+def product_index_arrays(productid_list: Sequence[tuple[int, Sequence[int]]],
+                         num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(product index of every row, first row of every product) from ``productid_list``."""
+    product_index = np.full((num_rows,), -1, dtype=np.int64)
+    first_rows = np.empty((len(productid_list),), dtype=np.int64)
+    for p, (_, rows) in enumerate(productid_list):
+        product_index[np.asarray(rows, dtype=np.int64)] = p
+        first_rows[p] = rows[0]
+    return product_index, first_rows
+
+
 class FashionGenH5Source:
     """Random access to the rows of one FashionGen ``.h5`` file.
 
@@ -119,13 +132,7 @@ class FashionGenH5Source:
         self.image_shape: tuple[int, int, int] = tuple(int(x) for x in img_shape[1:])
         self.row_product_id = product_ids
         self.productid_list = product_runs(product_ids)
-        product_index = np.empty((n,), dtype=np.int64)
-        first_rows = np.empty((len(self.productid_list),), dtype=np.int64)
-        for p, (_, rows) in enumerate(self.productid_list):
-            product_index[rows[0]:rows[-1] + 1] = p
-            first_rows[p] = rows[0]
-        self.row_product_index = product_index
-        self._first_rows = first_rows
+        self.row_product_index, self._first_rows = product_index_arrays(self.productid_list, n)
 
     # -- process-local handle -------------------------------------------------------------------
 
@@ -189,7 +196,7 @@ class FashionGenH5Source:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self._row(i)
-        item: dict[str, Any] = {"image": np.asarray(self._dataset(IMAGE_FIELD)[r], dtype=np.uint8)}
+        item: dict[str, Any] = {"image": self._image(r)}
         for key, field in TEXT_FIELDS.items():
             if self.text_in_memory:
                 item[key] = self._text_column(field)[r]
@@ -200,6 +207,13 @@ class FashionGenH5Source:
         item["product_index"] = int(self.row_product_index[r])
         item["row"] = r
         return item
+
+    def _image(self, r: int) -> np.ndarray:
+        """One image row; an unreadable chunk (a damaged file) is a CorruptImage for that row only."""
+        try:
+            return np.asarray(self._dataset(IMAGE_FIELD)[r], dtype=np.uint8)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CorruptImage(f"{self.path}: {IMAGE_FIELD} row {r} cannot be read: {e}") from e
 
     def product_first_rows(self) -> np.ndarray:
         """Row of each product's first image, in product-index order (the evaluation text rows)."""

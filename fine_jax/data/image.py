@@ -83,6 +83,24 @@ _MEAN32 = np.asarray(CLIP_MEAN, dtype=np.float32)
 _STD32 = np.asarray(CLIP_STD, dtype=np.float32)
 
 
+class CorruptImage(Exception):
+    """One record's image is missing or cannot be decoded. Sources raise it for that record only,
+    so that a training pipeline can count the record, replace it and go on (see
+    :func:`fine_jax.data.pipeline.read_or_replace`)."""
+
+
+def load_image_file(path: str) -> np.ndarray:
+    """An image file (PNG, JPEG, ...) as RGB uint8 HWC, like the reference's
+    ``Image.open(path).convert('RGB')``; a missing or undecodable file is a :class:`CorruptImage`."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise CorruptImage(f"image file not found: {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise CorruptImage(f"image file cannot be decoded: {path}: {e}") from e
+
+
 def _check_hwc(img: np.ndarray) -> None:
     if img.dtype != np.uint8 or img.ndim != 3:
         raise ValueError(f"expected a uint8 HWC array, got {img.dtype} with shape {img.shape}")

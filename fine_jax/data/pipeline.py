@@ -1,21 +1,88 @@
-"""grain input pipelines: stage-1 training batches and evaluation batches.
+"""grain input pipelines: stage-1, stage-2 and TGIR training batches, and evaluation batches.
 
-Training: source -> shard by process -> shuffle (re-drawn each epoch) -> per-record random map
-(augment image, build the stage-1 text) -> batch (drop_remainder, per epoch) -> repeat ->
-prefetch. Every random choice of a record is drawn from a generator seeded by (seed, the record's
-position in the stream), so the stream depends only on the seed, the step and the process index,
-and a restored iterator continues on the exact next batch.
+Training: items (image rows, products or triplets; :mod:`fine_jax.data.samplers`) -> shard by
+process -> shuffle (re-drawn each epoch) -> per-record random map (read, augment images, build the
+text) -> batch (drop_remainder, per epoch) -> repeat -> prefetch (threads, or worker processes
+with ``num_workers``). Every random choice of a record is drawn from a generator seeded by
+(seed, the record's position in the stream), so the stream depends only on the seed, the step and
+the process index, and a restored iterator continues on the exact next batch.
+
+Bad records. A record whose image is missing or cannot be decoded
+(:class:`~fine_jax.data.image.CorruptImage`) is *replaced* by the next readable record of the
+source (the whole record, so image and text stay a matching pair), logged with the reason, and
+counted: every training example carries ``bad_records``, the number of unreadable records skipped
+to produce it, which the training loop sums and reports. More than ``MAX_CONSECUTIVE_BAD``
+unreadable records in a row stops the pipeline with an error (the data is damaged, not a record).
+In evaluation an unreadable image becomes a uniform grey image, logged and counted likewise.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
 
+from fine_jax.data import fashioniq as fiq_ops
 from fine_jax.data import image as image_ops
+from fine_jax.data import samplers
 from fine_jax.data import text as text_ops
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_BAD = 64
+BAD_KEY = "bad_records"
+
+
+class DataCorrupted(RuntimeError):
+    """Too many unreadable records in a row: the dataset itself is damaged or incomplete."""
+
+
+def read_or_replace(source, index: int) -> dict[str, Any]:
+    """``source[index]``, or the next readable record when it raises CorruptImage (see above)."""
+    n = len(source)
+    for skipped in range(min(MAX_CONSECUTIVE_BAD, n)):
+        try:
+            record = source[(index + skipped) % n]
+        except image_ops.CorruptImage as e:
+            log.warning("unreadable record replaced by the next one: %s", e)
+            continue
+        return {**record, BAD_KEY: skipped}
+    raise DataCorrupted(f"{min(MAX_CONSECUTIVE_BAD, n)} consecutive records of {source!r} from "
+                        f"{index} on cannot be read; check the image files / shards")
+
+
+class ReplaceCorrupt:
+    """A source whose unreadable records are replaced by :func:`read_or_replace` (picklable)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return read_or_replace(self.source, int(index))
+
+    def __repr__(self) -> str:
+        return f"ReplaceCorrupt({self.source!r})"
+
+
+@dataclasses.dataclass
+class ImageAugment:
+    """The training image transform of method_spec §6.4 with its config knobs."""
+
+    image_size: int
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = True
+    randaug_n: int = 2
+    randaug_m: float = 7
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return image_ops.train_transform(img, rng, self.image_size, scale=tuple(self.crop_scale),
+                                         hflip=self.hflip, randaug_n=self.randaug_n,
+                                         randaug_m=self.randaug_m)
 
 
 @dataclasses.dataclass
@@ -24,7 +91,7 @@ class Stage1Transform:
 
     tokenizer: text_ops.Tokenizer
     category_symbols: Mapping[str, str]
-    lexicon: text_ops.Lexicon
+    lexicon: Any  # text.Lexicon or wordnet.WordNetLexicon
     image_size: int
     max_len: int
     crop_scale: tuple[float, float] = (0.5, 1.0)
@@ -39,8 +106,43 @@ class Stage1Transform:
                                         randaug_n=self.randaug_n, randaug_m=self.randaug_m)
         txt = text_ops.build_stage1_text(record, self.tokenizer, self.category_symbols, self.lexicon,
                                          rng, self.max_len, fix_mlm_labels=self.fix_mlm_labels)
-        return {"image": img.astype(np.float32), **txt,
-                "idx": np.int32(record["product_index"])}
+        return {"image": img, **txt, "idx": np.int32(record["product_index"]),
+                BAD_KEY: np.int32(record.get(BAD_KEY, 0))}
+
+
+@dataclasses.dataclass
+class Stage2Transform:
+    """One product -> one stage-2 example: a random image row of it and the clean stage-2 text."""
+
+    source: Any
+    tokenizer: text_ops.Tokenizer
+    augment: ImageAugment
+    max_len: int
+
+    def __call__(self, item: tuple[int, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        _, rows = item
+        record = read_or_replace(self.source, samplers.draw_row(rows, rng))
+        ids, mask = text_ops.build_stage2_text(record["description"], self.tokenizer, self.max_len)
+        return {"image": self.augment(record["image"], rng), "input_ids": ids, "attention_mask": mask,
+                "idx": np.int32(record["product_index"]), BAD_KEY: np.int32(record[BAD_KEY])}
+
+
+@dataclasses.dataclass
+class TGIRTransform:
+    """One FashionIQ triplet -> reference and target images (each augmented), the query text."""
+
+    tokenizer: text_ops.Tokenizer
+    augment: ImageAugment
+    max_len: int = fiq_ops.MAX_LEN
+
+    def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        ids, mask = fiq_ops.encode_tgir_text(record["captions"], self.tokenizer, self.max_len)
+        return {"reference_image": self.augment(record["reference_image"], rng),
+                "target_image": self.augment(record["target_image"], rng),
+                "input_ids": ids, "attention_mask": mask,
+                "reference_id": np.int32(record["reference_id"]),
+                "target_id": np.int32(record["target_id"]), "idx": np.int32(record["index"]),
+                BAD_KEY: np.int32(record.get(BAD_KEY, 0))}
 
 
 def steps_per_epoch(num_records: int, global_batch: int) -> int:
@@ -51,14 +153,14 @@ def steps_per_epoch(num_records: int, global_batch: int) -> int:
     return steps
 
 
-def train_dataset(source: Sequence, transform: Stage1Transform, global_batch: int, seed: int,
-                  num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                  num_threads: int = 2, prefetch: int = 4, num_workers: int = 0) -> grain.IterDataset:
-    """The stage-1 training stream as a grain IterDataset of host-local batches."""
+def training_stream(items: Sequence, transform, global_batch: int, seed: int,
+                    num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
+                    num_threads: int = 2, prefetch: int = 4, num_workers: int = 0) -> grain.IterDataset:
+    """Host-local batches of ``transform(item, rng)`` over ``items`` (see the module docstring)."""
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
     local_batch = global_batch // process_count
-    ds = grain.MapDataset.source(source)
+    ds = grain.MapDataset.source(items)
     if process_count > 1:
         ds = ds[process_index::process_count]
     # Shuffle before repeat: grain re-draws the permutation for every epoch (seed + epoch), and
@@ -74,21 +176,85 @@ def train_dataset(source: Sequence, transform: Stage1Transform, global_batch: in
     return it_ds
 
 
+def train_dataset(source: Sequence, transform: Stage1Transform, global_batch: int, seed: int,
+                  **kwargs) -> grain.IterDataset:
+    """Stage 1: one item per image row (``kwargs`` as :func:`training_stream`)."""
+    return training_stream(ReplaceCorrupt(source), transform, global_batch, seed, **kwargs)
+
+
+def stage2_dataset(transform: Stage2Transform, global_batch: int, seed: int,
+                   **kwargs) -> grain.IterDataset:
+    """Stage 2: one item per product of ``transform.source``, a random image of it each epoch."""
+    return training_stream(samplers.ProductRows(transform.source), transform, global_batch, seed,
+                           **kwargs)
+
+
+def tgir_dataset(triplets: fiq_ops.TripletSource, transform: TGIRTransform, global_batch: int,
+                 seed: int, **kwargs) -> grain.IterDataset:
+    """Stage 3: one item per FashionIQ training triplet."""
+    return training_stream(ReplaceCorrupt(triplets), transform, global_batch, seed, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+class _GreyOnCorrupt:
+    """Evaluation rows in order; an unreadable image becomes uniform grey (counted, logged)."""
+
+    def __init__(self, source, image_shape: tuple[int, int, int]):
+        self.source = source
+        self.image_shape = image_shape
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return {**self.source[int(i)], BAD_KEY: 0}
+        except image_ops.CorruptImage as e:
+            log.warning("unreadable evaluation image replaced by grey: %s", e)
+            return {"image": np.full(self.image_shape, 128, np.uint8), "row": int(i), BAD_KEY: 1}
+
+
 @dataclasses.dataclass
 class _EvalImage:
     image_size: int
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {"image": image_ops.test_transform(record["image"], self.image_size),
-                "row": np.int64(record["row"])}
+                "row": np.int64(record["row"]), BAD_KEY: np.int32(record[BAD_KEY])}
 
 
 def eval_image_batches(source: Sequence, image_size: int, batch_size: int,
                        num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """All rows of an evaluation source in order, test-transformed, in batches (last one short)."""
-    ds = grain.MapDataset.source(source).map(_EvalImage(image_size))
+    rows = _GreyOnCorrupt(source, (image_size, image_size, 3))
+    ds = grain.MapDataset.source(rows).map(_EvalImage(image_size))
     ds = ds.batch(batch_size, drop_remainder=False)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))
+
+
+class _GalleryImages:
+    def __init__(self, fiq: fiq_ops.FashionIQ, names: Sequence[str]):
+        self.fiq = fiq
+        self.names = list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.fiq.load_image(self.names[int(i)]), "row": int(i)}
+
+    def __repr__(self) -> str:
+        return f"FashionIQ images in {self.fiq.image_dir}"
+
+
+def fashioniq_image_batches(fiq: fiq_ops.FashionIQ, names: Sequence[str], image_size: int,
+                            batch_size: int, num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """FashionIQ images by id (a gallery, or the reference images of the queries), in order."""
+    return eval_image_batches(_GalleryImages(fiq, names), image_size, batch_size, num_threads)
 
 
 def eval_texts(descriptions: Sequence[str], tokenizer: text_ops.Tokenizer,
@@ -97,3 +263,10 @@ def eval_texts(descriptions: Sequence[str], tokenizer: text_ops.Tokenizer,
     ids, masks = zip(*(text_ops.encode_eval_caption(tokenizer, d, max_len) for d in descriptions))
     return {"input_ids": np.stack(ids).astype(np.int32),
             "attention_mask": np.stack(masks).astype(np.int32)}
+
+
+def tgir_texts(captions: Sequence[Sequence[str]], tokenizer: text_ops.Tokenizer,
+               max_len: int = fiq_ops.MAX_LEN) -> dict[str, np.ndarray]:
+    """The TGIR query text layout (training and evaluation alike) for many triplets."""
+    ids, masks = zip(*(fiq_ops.encode_tgir_text(c, tokenizer, max_len) for c in captions))
+    return {"input_ids": np.stack(ids), "attention_mask": np.stack(masks)}

@@ -275,7 +275,8 @@ class Lexicon:
     * ``synonyms(word)``: the distinct lemma names of all synsets of the word, the word itself
       included when WordNet lists it (Fashion-FINE does not discard it).
 
-    An empty list means "no candidate": the word stays as it is.
+    An empty list means "no candidate": the word stays as it is. The reference's own source of
+    these lists is WordNet: :class:`fine_jax.data.wordnet.WordNetLexicon` has this interface.
     """
 
     def __init__(
