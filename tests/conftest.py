@@ -23,3 +23,26 @@ def shared_data():
 def reference_state_dict_shapes(shared_data):
     """{layout: {key: shape}} of the reference PyTorch models at the reference size."""
     return json.loads((shared_data / "reference_state_dict_shapes.json").read_text())
+
+
+@pytest.fixture
+def ref_tok(shared_data):
+    """fine_jax's tokenizer on the reference vocab."""
+    from fine_jax.data.text import Tokenizer
+
+    return Tokenizer.from_vocab_file(shared_data / "vocab.txt")
+
+
+@pytest.fixture
+def hf_tok(shared_data):
+    """transformers' BertTokenizer on the reference vocab, the symbols registered as special."""
+    transformers = pytest.importorskip("transformers")
+    from fine_jax.data.text import SYMBOL_TOKENS
+
+    with open(shared_data / "vocab.txt", encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    # transformers 5.x: BertTokenizer(vocab_file=...) maps everything to [UNK]; vocab= works.
+    tok = transformers.BertTokenizer(vocab=vocab)
+    assert tok.add_tokens(list(SYMBOL_TOKENS), special_tokens=True) >= 0
+    assert len(tok) == len(vocab)  # the symbols replace [unused0-8]: no new ids
+    return tok

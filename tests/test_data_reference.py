@@ -9,27 +9,12 @@ import pytest
 from PIL import Image
 
 from fine_jax.data import pipeline, reference_json, samplers
-from fine_jax.data.text import SYMBOL_TOKENS, Tokenizer, load_category_symbols, pre_caption
+from fine_jax.data.text import load_category_symbols, pre_caption
 
 
 @pytest.fixture
 def sample(shared_data):
     return json.loads((shared_data / "fashiongen_val_sample.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture
-def ref_tok(shared_data):
-    return Tokenizer.from_vocab_file(shared_data / "vocab.txt")
-
-
-@pytest.fixture
-def hf_tok(shared_data):
-    transformers = pytest.importorskip("transformers")
-    with open(shared_data / "vocab.txt", encoding="utf-8") as f:
-        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-    tok = transformers.BertTokenizer(vocab=vocab)  # 5.x: vocab_file= would map all to [UNK]
-    tok.add_tokens(list(SYMBOL_TOKENS), special_tokens=True)
-    return tok
 
 
 def reference_layout_from_annotation(root, entries):

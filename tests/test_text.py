@@ -422,25 +422,6 @@ def test_stage1_category_errors(small_tok):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ref_tok(shared_data):
-    return Tokenizer.from_vocab_file(shared_data / "vocab.txt")
-
-
-@pytest.fixture
-def hf_tok(shared_data):
-    transformers = pytest.importorskip("transformers")
-    vocab = {}
-    with open(shared_data / "vocab.txt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            vocab[line.rstrip("\n")] = i
-    # transformers 5.x: BertTokenizer(vocab_file=...) maps everything to [UNK]; vocab= works.
-    tok = transformers.BertTokenizer(vocab=vocab)
-    assert tok.add_tokens(list(SYMBOL_TOKENS), special_tokens=True) >= 0
-    assert len(tok) == len(vocab)
-    return tok
-
-
 def test_reference_vocab_ids(ref_tok):
     assert ref_tok.vocab_size == 30522
     special = (ref_tok.pad_id, ref_tok.unk_id, ref_tok.cls_id, ref_tok.sep_id, ref_tok.mask_id)

@@ -22,12 +22,12 @@ two images are " + " and ".join(captions)), then [CLS] + word-pieces, truncated 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from fine_jax.data import files
 from fine_jax.data import image as image_ops
 from fine_jax.data import text as text_ops
 
@@ -61,13 +61,7 @@ def encode_tgir_text(captions: Sequence[str], tokenizer: text_ops.Tokenizer,
 
 
 def _load_json(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"FashionIQ file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FashionIQError(f"{path} is not valid JSON: {e}") from None
+    return files.read_json(path, "FashionIQ file", FashionIQError)
 
 
 def load_captions(path: str) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from fine_jax.data import files
 from fine_jax.data import image as image_ops
 from fine_jax.data.fashiongen import (EXTRA_TEXT_FIELDS, IMAGE_FIELD, TEXT_FIELDS, FashionGenH5Source,
                                       product_index_arrays, product_runs)
@@ -52,14 +53,7 @@ class LayoutError(ValueError):
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
     """json.load with errors that name the file and say what it should be."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LayoutError(f"{path} is not valid JSON ({what}): {e}") from None
+    return files.read_json(path, what, LayoutError)
 
 
 # ----------------------------------------------------------------------------------------------
