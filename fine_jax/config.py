@@ -77,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
         randaug_n=2,
         randaug_m=7,
         fix_mlm_labels=False,  # method_spec §10 B2 fix when True
+        # Stage-1 text parts besides the description (method_spec §6.3): the category symbol token
+        # at position 1 and the attribute prompts after [SEP]. Both on in the reference.
+        stage1_symbol=True,
+        stage1_attributes=True,
         num_workers=0,  # grain worker processes; 0 = threads in the main process
         num_threads=2,
         prefetch=4,
@@ -106,6 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
         bert="",  # bert-base-uncased folder / .safetensors / .bin, or a hub id (allow_download)
         vit="",  # timm/DeiT ViT-B/16 .pth / .safetensors / folder, or a hub id (allow_download)
         allow_download=False,  # let init.bert / init.vit fetch a Hugging Face hub id
+        # Supervised ViT warm-start before stage 1 on a fresh run (fine_jax.vit_pretrain): steps of
+        # classifying the training images by this label, at this peak learning rate. 0 = off.
+        vit_pretrain_steps=0,
+        vit_pretrain_label="subcategory",
+        vit_pretrain_lr=5e-4,
     ))
 
     c.eval = ml_collections.ConfigDict(dict(
@@ -158,8 +167,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < lo <= hi <= 1")
+    if not d.stage1_symbol and config.loss.w_sym > 0:
+        raise ConfigError("data.stage1_symbol=False leaves no symbol token for the symbol loss; set "
+                          "--config.loss.w_sym=0 or keep the symbol")
     if config.optim.epochs < 1:
         raise ConfigError("optim.epochs must be at least 1")
+    if config.init.vit_pretrain_steps < 0:
+        raise ConfigError("init.vit_pretrain_steps must be >= 0 (0 turns the ViT warm-start off)")
+    if config.init.vit_pretrain_steps and config.init.vit_pretrain_label not in (
+            "subcategory", "category"):
+        raise ConfigError(f"init.vit_pretrain_label={config.init.vit_pretrain_label!r}: use "
+                          "subcategory or category")
+    if config.init.checkpoint and config.init.vit_pretrain_steps:
+        raise ConfigError("init.checkpoint already holds a trained ViT; set "
+                          "--config.init.vit_pretrain_steps=0")
     if config.init.checkpoint and (config.init.bert or config.init.vit):
         raise ConfigError("init.checkpoint already holds both towers; leave init.bert and init.vit "
                           "empty when it is set")

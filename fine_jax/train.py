@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from fine_jax import config as config_lib
-from fine_jax import datasets, evaluate, parallel
+from fine_jax import datasets, evaluate, parallel, vit_pretrain
 from fine_jax.checkpoint import Checkpointer, abstract_like
 from fine_jax.data import pipeline
 from fine_jax.interop import initialize
@@ -123,7 +123,8 @@ def run(cfg, workdir: str, evaluate_only: bool = False) -> dict | None:
         tokenizer=data.tokenizer, category_symbols=data.category_symbols, lexicon=data.lexicon,
         image_size=cfg.model.image_size, max_len=cfg.data.max_len,
         crop_scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip, randaug_n=cfg.data.randaug_n,
-        randaug_m=cfg.data.randaug_m, fix_mlm_labels=cfg.data.fix_mlm_labels)
+        randaug_m=cfg.data.randaug_m, fix_mlm_labels=cfg.data.fix_mlm_labels,
+        symbol=cfg.data.stage1_symbol, attributes=cfg.data.stage1_attributes)
     train_ds = pipeline.train_dataset(
         data.train, transform, bg, seed=cfg.train.seed, num_epochs=None,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -136,8 +137,13 @@ def run(cfg, workdir: str, evaluate_only: bool = False) -> dict | None:
     if start is not None:
         state = ckpt.restore(start, abstract_like(state), data_iter)
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
-    elif initialize.requested(cfg):  # a fresh run from converted / public weights (config.init)
-        state = jax.device_put(initialize.initialise(cfg, state, log), repl)
+    else:
+        if initialize.requested(cfg):  # a fresh run from converted / public weights (config.init)
+            state = jax.device_put(initialize.initialise(cfg, state, log), repl)
+        if cfg.init.vit_pretrain_steps and not evaluate_only:
+            state, _ = vit_pretrain.pretrain_vit(cfg, model, state, data.train, log)
+            state = jax.device_put(state, repl)
+            ckpt.save(0, state, data_iter, force=True)  # a restart resumes after the warm-start
     start = int(start or 0)
 
     if evaluate_only:

@@ -483,3 +483,48 @@ def test_stage1_on_reference_vocab(shared_data, ref_tok):
     text = ref_tok.decode(ids[6 + n + 1 : int(out["attention_mask"].sum())])
     assert "fall winter 2016" in text or "season is [MASK]" in text
     assert "the image sub category is" in text or "[MASK] [MASK] is denim jackets" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage-1 text without the symbol token and/or the attribute prompts (data.stage1_symbol /
+# data.stage1_attributes)
+# ------------------------------------------------------------------------------------------------
+
+
+def _stage1_parts(tok, symbol, attributes, seed=3):
+    return build_stage1_text(make_record(n_words=20), tok, CATEGORY_SYMBOLS, Lexicon.empty(),
+                             np.random.default_rng(seed), 180, fix_mlm_labels=True, symbol=symbol,
+                             attributes=attributes)
+
+
+def test_stage1_text_without_symbol_starts_with_the_prompt(small_tok):
+    full = _stage1_parts(small_tok, True, True)
+    bare = _stage1_parts(small_tok, False, True)
+    prompt = small_tok.wordpiece_ids("the image description is")
+    assert full["input_ids"][1] == small_tok.token_to_id("[tops_sign]")
+    assert list(bare["input_ids"][1:1 + len(prompt)]) == prompt
+    assert small_tok.token_to_id("[tops_sign]") not in bare["input_ids"]
+    # Same draws otherwise: everything after the symbol moves one position to the left.
+    n = int(full["attention_mask"].sum())
+    assert int(bare["attention_mask"].sum()) == n - 1
+    for key in ("input_ids", "mask_labels", "replace_labels"):
+        np.testing.assert_array_equal(bare[key][1:n - 1], full[key][2:n], err_msg=key)
+
+
+def test_stage1_text_without_attributes_ends_at_sep(small_tok):
+    full = _stage1_parts(small_tok, True, True)
+    bare = _stage1_parts(small_tok, True, False)
+    n = int(bare["attention_mask"].sum())
+    assert bare["input_ids"][n - 1] == small_tok.sep_id
+    assert list(bare["input_ids"][n:]) == [small_tok.pad_id] * (180 - n)
+    # The description part, its masking and its labels are those of the full text.
+    np.testing.assert_array_equal(bare["input_ids"][:n], full["input_ids"][:n])
+    np.testing.assert_array_equal(bare["mask_labels"][:n], full["mask_labels"][:n])
+    assert (bare["mask_labels"][n:] == -100).all()
+    assert (full["mask_labels"][n:] != -100).any(), "the full text has attribute MLM targets"
+
+
+def test_stage1_text_without_symbol_still_checks_the_category(small_tok):
+    with pytest.raises(KeyError, match="category-to-symbol"):
+        build_stage1_text(make_record(category="Unknown"), small_tok, CATEGORY_SYMBOLS,
+                          Lexicon.empty(), np.random.default_rng(0), 180, symbol=False)

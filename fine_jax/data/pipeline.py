@@ -99,13 +99,16 @@ class Stage1Transform:
     randaug_n: int = 2
     randaug_m: float = 7
     fix_mlm_labels: bool = False
+    symbol: bool = True
+    attributes: bool = True
 
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         img = image_ops.train_transform(record["image"], rng, self.image_size,
                                         scale=tuple(self.crop_scale), hflip=self.hflip,
                                         randaug_n=self.randaug_n, randaug_m=self.randaug_m)
         txt = text_ops.build_stage1_text(record, self.tokenizer, self.category_symbols, self.lexicon,
-                                         rng, self.max_len, fix_mlm_labels=self.fix_mlm_labels)
+                                         rng, self.max_len, fix_mlm_labels=self.fix_mlm_labels,
+                                         symbol=self.symbol, attributes=self.attributes)
         return {"image": img, **txt, "idx": np.int32(record["product_index"]),
                 BAD_KEY: np.int32(record.get(BAD_KEY, 0))}
 

@@ -453,6 +453,8 @@ def build_stage1_text(
     rng: np.random.Generator,
     max_len: int,
     fix_mlm_labels: bool = False,
+    symbol: bool = True,
+    attributes: bool = True,
 ) -> dict[str, np.ndarray]:
     """Stage-1 text of one image row (method_spec §6.3 steps 1-4, §4.4).
 
@@ -462,27 +464,33 @@ def build_stage1_text(
 
     Layout: [CLS] [symbol] "the image description is" <corrupted description> [SEP]
     <"the image" name "is" value> x 6, no trailing [SEP], truncated to ``max_len``, right-padded.
+
+    ``symbol=False`` leaves out the symbol token and ``attributes=False`` the attribute prompts (and
+    their MLM targets); both are on in the reference. Evaluation texts hold neither, so a text tower
+    trained from random weights can otherwise learn to read the category from them instead of from
+    the description (configs/demo.py). The category is still checked against the symbol map.
     """
     category = record["category"]
     try:
-        symbol = category_symbols[category.lower()]
+        symbol_token = category_symbols[category.lower()]
     except KeyError:
         raise KeyError(
             f"category {category!r} ({category.lower()!r}) is not in the category-to-symbol map "
             "(categorys_to_sign.txt)"
         ) from None
-    if not tokenizer.has_token(symbol):
-        raise ValueError(f"symbol {symbol!r} of category {category!r} is not a vocab token")
+    if not tokenizer.has_token(symbol_token):
+        raise ValueError(f"symbol {symbol_token!r} of category {category!r} is not a vocab token")
 
     # Same draw order as the reference: description permutation and replacements, then the
     # attribute shuffle, synonym noise and the name/value coin.
     d_ids, d_target, d_replaced, d_orig, d_perm_targets = _corrupt_description(
         record["description"], tokenizer, lexicon, rng
     )
-    a_ids, a_target, a_own = _attribute_part(record, tokenizer, lexicon, rng)
+    a_ids, a_target, a_own = (_attribute_part(record, tokenizer, lexicon, rng) if attributes
+                              else ([], [], []))
 
     prompt = tokenizer.wordpiece_ids(DESCRIPTION_PROMPT)
-    head = [tokenizer.cls_id, tokenizer.token_to_id(symbol)] + prompt
+    head = [tokenizer.cls_id] + ([tokenizer.token_to_id(symbol_token)] if symbol else []) + prompt
     ids = head + d_ids + [tokenizer.sep_id] + a_ids
     is_target = [0] * len(head) + d_target + [0] + a_target
     replaced = [0] * len(head) + d_replaced + [0] + [0] * len(a_ids)

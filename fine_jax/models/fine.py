@@ -107,6 +107,12 @@ class PredictionHead(nn.Module):
         return torch_dense(self.out, self.hidden, "decoder", self.dtype)(x)
 
 
+def vision_tower(c: ModelConfig) -> VisionTransformer:
+    """The image encoder of a model config (also used alone by fine_jax.vit_pretrain)."""
+    return VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_depth,
+                             c.vision_heads, c.vision_mlp_ratio, c.vision_ln_eps, c.compute_dtype)
+
+
 class FashionFINE(nn.Module):
     config: ModelConfig
 
@@ -114,9 +120,7 @@ class FashionFINE(nn.Module):
         c = self.config
         c.validate()
         dt = c.compute_dtype
-        self.visual_encoder = VisionTransformer(c.image_size, c.patch_size, c.vision_width,
-                                                c.vision_depth, c.vision_heads, c.vision_mlp_ratio,
-                                                c.vision_ln_eps, dt)
+        self.visual_encoder = vision_tower(c)
         self.text_encoder = XBert(c.vocab_size, c.hidden_size, c.num_layers, c.fusion_layer,
                                   c.num_heads, c.intermediate_size, c.max_position_embeddings,
                                   c.type_vocab_size, c.hidden_dropout, c.attention_dropout,

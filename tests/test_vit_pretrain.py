@@ -1,0 +1,138 @@
+"""The supervised ViT warm-start (fine_jax.vit_pretrain): labels, learning, what it replaces."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fine_jax import config as config_lib
+from fine_jax import vit_pretrain
+from fine_jax.models.fine import FashionFINE, ModelConfig
+from fine_jax.train_step import create_train_state
+
+
+class BarsSource:
+    """Rows of a dark or light bar, vertical ("SHIRTS") or horizontal ("PANTS"): only the shape
+    tells the class, the colours are drawn at random."""
+
+    def __init__(self, n=48, size=32, seed=0):
+        rng = np.random.default_rng(seed)
+        self.labels = ["SHIRTS" if i % 2 else "PANTS" for i in range(n)]
+        self.images = []
+        for label in self.labels:
+            img = np.full((size, size, 3), rng.integers(0, 256, 3), np.uint8)
+            bar = rng.integers(0, 256, 3).astype(np.uint8)
+            if label == "SHIRTS":
+                img[:, size // 2 - 4:size // 2 + 4] = bar
+            else:
+                img[size // 2 - 4:size // 2 + 4, :] = bar
+            self.images.append(img)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "subcategory": self.labels[i], "category": "CLOTHING"}
+
+    @property
+    def row_subcategory(self):
+        return list(self.labels)
+
+    @property
+    def row_category(self):
+        return ["CLOTHING"] * len(self.labels)
+
+
+def tiny_config(steps):
+    c = config_lib.base_config()
+    c.model.update(dict(image_size=32, patch_size=8, vision_width=32, vision_depth=1,
+                        vision_heads=2, vocab_size=64, hidden_size=32, num_layers=2,
+                        fusion_layer=1, num_heads=2, intermediate_size=64, embed_dim=16,
+                        max_position_embeddings=16))
+    c.train.global_batch_size = 16
+    c.train.log_every = 5
+    c.data.num_threads = 1
+    c.init.vit_pretrain_steps = steps
+    c.init.vit_pretrain_lr = 3e-3
+    return c
+
+
+def fresh_state(cfg):
+    model = FashionFINE(ModelConfig.from_config(cfg.model))
+    return model, create_train_state(model, optax.adamw(1e-3), jax.random.PRNGKey(0), 32)
+
+
+def test_class_table_is_sorted_and_checks_the_label():
+    src = BarsSource(6)
+    assert vit_pretrain.class_table(src, "subcategory") == {"PANTS": 0, "SHIRTS": 1}
+    assert vit_pretrain.class_table(src, "category") == {"CLOTHING": 0}
+    with pytest.raises(config_lib.ConfigError, match="vit_pretrain_label"):
+        vit_pretrain.class_table(src, "colour")
+
+
+def test_one_class_is_a_clear_error():
+    cfg = tiny_config(2)
+    cfg.init.vit_pretrain_label = "category"
+    model, state = fresh_state(cfg)
+    with pytest.raises(config_lib.ConfigError, match="nothing to classify"):
+        vit_pretrain.pretrain_vit(cfg, model, state, BarsSource(8), log=lambda m: None)
+
+
+def test_warm_start_learns_the_shape_and_replaces_only_the_vit():
+    cfg = tiny_config(100)
+    model, state = fresh_state(cfg)
+    before = jax.device_get(state)
+    lines = []
+    new, history = vit_pretrain.pretrain_vit(cfg, model, state, BarsSource(), log=lines.append)
+    assert [h["step"] for h in history] == list(range(5, 101, 5))
+    assert any("ViT warm-start 100/100" in l and "ETA" in l for l in lines)
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.5 * first["loss"], history
+    assert last["accuracy"] >= 90.0, history
+
+    new = jax.device_get(new)
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b),
+                                     before["params"]["visual_encoder"],
+                                     new["params"]["visual_encoder"])
+    assert all(jax.tree_util.tree_leaves(changed)), "every ViT array is trained"
+    # The momentum ViT is a copy of the trained one; nothing else moves.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new["momentum"]["visual_encoder"],
+                           new["params"]["visual_encoder"])
+    for part in ("params", "momentum"):
+        for name in before[part]:
+            if name != "visual_encoder":
+                jax.tree_util.tree_map(np.testing.assert_array_equal, before[part][name],
+                                       new[part][name])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before["queues"], new["queues"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before["opt_state"], new["opt_state"])
+
+
+def test_warm_start_is_deterministic():
+    cfg = tiny_config(4)
+    runs = []
+    for _ in range(2):
+        model, state = fresh_state(cfg)
+        new, _ = vit_pretrain.pretrain_vit(cfg, model, state, BarsSource(16), log=lambda m: None)
+        runs.append(jax.device_get(new["params"]["visual_encoder"]))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, *runs)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(vit_pretrain_steps=-1), "vit_pretrain_steps"),
+    (dict(vit_pretrain_steps=5, vit_pretrain_label="colour"), "vit_pretrain_label"),
+    (dict(vit_pretrain_steps=5, checkpoint="/some/weights"), "vit_pretrain_steps=0"),
+])
+def test_config_errors(change, message):
+    c = config_lib.base_config()
+    c.init.update(change)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(c)
+
+
+def test_no_symbol_token_with_the_symbol_loss_is_a_config_error():
+    c = config_lib.base_config()
+    c.data.stage1_symbol = False
+    with pytest.raises(config_lib.ConfigError, match="w_sym=0"):
+        config_lib.validate(c)
+    c.loss.w_sym = 0.0
+    config_lib.validate(c)
