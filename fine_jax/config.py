@@ -126,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+VIT_PRETRAIN_LABELS = ("subcategory", "category")  # the record fields init.vit_pretrain_label names
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Checks the combinations the model cannot run with; raises ConfigError naming the fix."""
     t, l, m, d = config.train, config.loss, config.model, config.data
@@ -174,10 +177,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         raise ConfigError("optim.epochs must be at least 1")
     if config.init.vit_pretrain_steps < 0:
         raise ConfigError("init.vit_pretrain_steps must be >= 0 (0 turns the ViT warm-start off)")
-    if config.init.vit_pretrain_steps and config.init.vit_pretrain_label not in (
-            "subcategory", "category"):
-        raise ConfigError(f"init.vit_pretrain_label={config.init.vit_pretrain_label!r}: use "
-                          "subcategory or category")
+    label = config.init.vit_pretrain_label
+    if config.init.vit_pretrain_steps and label not in VIT_PRETRAIN_LABELS:
+        raise ConfigError(f"init.vit_pretrain_label={label!r}: use one of "
+                          f"{', '.join(VIT_PRETRAIN_LABELS)}")
     if config.init.checkpoint and config.init.vit_pretrain_steps:
         raise ConfigError("init.checkpoint already holds a trained ViT; set "
                           "--config.init.vit_pretrain_steps=0")

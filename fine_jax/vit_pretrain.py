@@ -25,18 +25,16 @@ import numpy as np
 import optax
 
 from fine_jax import parallel
-from fine_jax.config import ConfigError
+from fine_jax.config import VIT_PRETRAIN_LABELS, ConfigError
 from fine_jax.data import image as image_ops
 from fine_jax.data import pipeline
 from fine_jax.models.fine import FashionFINE, vision_tower
 
-LABELS = ("subcategory", "category")
-
-
 def class_table(source, label: str) -> dict[str, int]:
     """Label string -> class id, sorted, over the rows of ``source``."""
-    if label not in LABELS:
-        raise ConfigError(f"init.vit_pretrain_label={label!r}: use one of {', '.join(LABELS)}")
+    if label not in VIT_PRETRAIN_LABELS:
+        raise ConfigError(f"init.vit_pretrain_label={label!r}: use one of "
+                          f"{', '.join(VIT_PRETRAIN_LABELS)}")
     values = source.row_subcategory if label == "subcategory" else source.row_category
     return {v: i for i, v in enumerate(sorted(set(values)))}
 

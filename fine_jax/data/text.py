@@ -468,7 +468,8 @@ def build_stage1_text(
     ``symbol=False`` leaves out the symbol token and ``attributes=False`` the attribute prompts (and
     their MLM targets); both are on in the reference. Evaluation texts hold neither, so a text tower
     trained from random weights can otherwise learn to read the category from them instead of from
-    the description (configs/demo.py). The category is still checked against the symbol map.
+    the description (README, "What the demo reaches today"). The category is still checked against
+    the symbol map.
     """
     category = record["category"]
     try:
