@@ -8,10 +8,9 @@ head on the CLS token, cross-entropy, AdamW with a warm-up and a cosine decay. O
 kept; the head is dropped, and the momentum ViT is set to a copy, as at any start. Only training
 rows are read.
 
-Off by default and in the configs. On the embedded demo it does what it is for (the ViT learns
-the silhouette that the contrastive objective from random weights never picks up), but the colour
-alignment then suffers and, measured over a few variants of the warm-start, the retrieval figures
-moved both up and down (README, "What the demo reaches today").
+Off by default; configs/demo.py runs 300 steps. On the embedded demo the ViT then learns the
+silhouette that the contrastive objective from random weights never picks up; the retrieval gain
+depends on the seed (configs/demo.py gives the measured spread).
 """
 from __future__ import annotations
 
