@@ -29,6 +29,7 @@ from fine_jax.data import image as image_ops
 from fine_jax.data import pipeline
 from fine_jax.models.fine import FashionFINE, vision_tower
 
+
 def class_table(source, label: str) -> dict[str, int]:
     """Label string -> class id, sorted, over the rows of ``source``."""
     if label not in VIT_PRETRAIN_LABELS:
