@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
         itm_exclude_same_product=False,  # method_spec §10 B4 fix when True
         scratch_warmup_steps=0,  # from-scratch training only, see train_step.LossConfig
         scratch_warmup_queue=False,
+        scratch_warmup_maa_keys=False,
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -54,6 +54,11 @@ class LossConfig:
     # During that warm-up, keep the queue in the softmax (its keys are then the online features of
     # the last queue_size / batch steps): many more negatives than the batch alone.
     scratch_warmup_queue: bool = False
+    # During that warm-up, take the in-batch keys from the online MAA features z_v, z_t (with
+    # gradient) instead of the global CLS features: a symmetric in-batch contrastive loss on the
+    # very features that retrieval ranks by. Off: the keys are the stop-gradient CLS features, as
+    # the momentum keys of the reference would be with momentum 0.
+    scratch_warmup_maa_keys: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "LossConfig":
@@ -129,11 +134,18 @@ def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation,
 
         # Focal ITC with distillation against [local batch; queue] keys and product-id targets.
         temp = params["temp"]
+        f32 = lambda x: x.astype(jnp.float32)
         keys_t = jnp.concatenate([g_t_m, queues["text"].astype(g_t_m.dtype)], axis=0)
         keys_v = jnp.concatenate([g_v_m, queues["image"].astype(g_v_m.dtype)], axis=0)
-        f32 = lambda x: x.astype(jnp.float32)
-        sim_i2t = f32(z_v) @ f32(keys_t).T / temp
-        sim_t2i = f32(z_t) @ f32(keys_v).T / temp
+        if loss_cfg.scratch_warmup_steps > 0 and loss_cfg.scratch_warmup_maa_keys:
+            batch_t = jnp.where(queue_on, f32(g_t_m), f32(z_t))
+            batch_v = jnp.where(queue_on, f32(g_v_m), f32(z_v))
+            q_keys_t = jnp.concatenate([batch_t, f32(queues["text"])], axis=0)
+            q_keys_v = jnp.concatenate([batch_v, f32(queues["image"])], axis=0)
+        else:
+            q_keys_t, q_keys_v = keys_t, keys_v
+        sim_i2t = f32(z_v) @ f32(q_keys_t).T / temp
+        sim_t2i = f32(z_t) @ f32(q_keys_v).T / temp
         sim_i2t_m = f32(g_v_m) @ f32(keys_t).T / temp
         sim_t2i_m = f32(g_t_m) @ f32(keys_v).T / temp
         queue_idx = queues["idx"]

@@ -235,3 +235,42 @@ def test_scratch_warmup_can_keep_the_queue_in_the_softmax(cfg):
     assert float(m1["alpha"]) == 0.0
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                            s1["momentum"], {k: state["params"][k] for k in MOMENTUM_MODULES})
+
+
+def _np_focal(logits, y, af, gamma):
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return float(np.mean(np.sum(-af * (1 - p) ** gamma * y * np.log(p), axis=1)))
+
+
+def test_scratch_warmup_maa_keys_contrast_the_maa_features_of_both_sides(cfg):
+    c = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
+    c.loss.scratch_warmup_steps = 1
+    c.loss.scratch_warmup_maa_keys = True
+    model, state, step = build(c)
+    jstep = jax.jit(step)
+    batch = make_batch(c)
+    p = {"params": state["params"]}
+    img = model.apply(p, batch["image"], method=FashionFINE.encode_image)
+    txt = model.apply(p, batch["input_ids"], batch["attention_mask"], method=FashionFINE.encode_text)
+    z_v = np.asarray(model.apply(p, img, method=FashionFINE.image_features)[1], np.float64)
+    z_t = np.asarray(model.apply(p, txt, batch["attention_mask"],
+                                 method=FashionFINE.text_features)[1], np.float64)
+    temp = float(state["params"]["temp"])
+    gt = (batch["idx"][:, None] == batch["idx"][None, :]).astype(np.float64)
+    gt /= gt.sum(1, keepdims=True)
+    sim = z_v @ z_t.T / temp  # the queue is out of the softmax during the warm-up
+    expected = (_np_focal(sim, gt, c.loss.alpha_focal, c.loss.gamma_focal)
+                + _np_focal(sim.T, gt, c.loss.alpha_focal, c.loss.gamma_focal)) / 2
+    s1, m1 = jstep(state, batch, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(float(m1["loss_itc"]), expected, rtol=1e-4)
+    # The default keys (stop-gradient CLS features) give another loss on the same state.
+    c0 = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
+    c0.loss.scratch_warmup_steps = 1
+    _, _, step0 = build(c0)
+    _, m0 = jax.jit(step0)(state, batch, jax.random.PRNGKey(0))
+    assert abs(float(m0["loss_itc"]) - expected) > 1e-3
+    # After the warm-up the flag changes nothing: momentum keys and the queue, as in the reference.
+    s2, m2 = jstep(s1, batch, jax.random.PRNGKey(1))
+    _, m3 = jax.jit(step0)(s1, batch, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(float(m2["loss"]), float(m3["loss"]), rtol=1e-6)
