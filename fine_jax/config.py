@@ -174,6 +174,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if not d.stage1_symbol and config.loss.w_sym > 0:
         raise ConfigError("data.stage1_symbol=False leaves no symbol token for the symbol loss; set "
                           "--config.loss.w_sym=0 or keep the symbol")
+    for flag in ("scratch_warmup_queue", "scratch_warmup_maa_keys"):
+        if l[flag] and l.scratch_warmup_steps <= 0:
+            raise ConfigError(f"loss.{flag}=True only changes the from-scratch warm-up, which is off "
+                              "(loss.scratch_warmup_steps=0); set --config.loss.scratch_warmup_steps "
+                              f"or --config.loss.{flag}=False")
     if config.optim.epochs < 1:
         raise ConfigError("optim.epochs must be at least 1")
     if config.init.vit_pretrain_steps < 0:

@@ -274,3 +274,15 @@ def test_scratch_warmup_maa_keys_contrast_the_maa_features_of_both_sides(cfg):
     s2, m2 = jstep(s1, batch, jax.random.PRNGKey(1))
     _, m3 = jax.jit(step0)(s1, batch, jax.random.PRNGKey(1))
     np.testing.assert_allclose(float(m2["loss"]), float(m3["loss"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("flag", ["scratch_warmup_queue", "scratch_warmup_maa_keys"])
+def test_warmup_options_without_the_warmup_are_a_config_error(flag):
+    from fine_jax import config as config_lib
+
+    c = config_lib.base_config()
+    c.loss[flag] = True
+    with pytest.raises(config_lib.ConfigError, match="scratch_warmup_steps"):
+        config_lib.validate(c)
+    c.loss.scratch_warmup_steps = 10
+    config_lib.validate(c)
