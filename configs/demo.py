@@ -48,6 +48,7 @@ instead, seeds 1 / 66 / 2 give 45.8 / 41.5, 48.5 / 42.0 and 42.8 / 35.3. Sample-
 bounded by the near-twins: the candidates of nearly every query include the twin product, which
 differs in one local detail, and the twin test stays near chance (52-58 %). In T2I the candidates
 can also hold another view of the query's own product (method_spec §10 B6), 53 of 400 queries.
+With the MAA mixing ratios set to 0 (seed 66) the result drops to 35.8 / 32.5.
 """
 from fine_jax.config import base_config
 
