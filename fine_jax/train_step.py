@@ -134,16 +134,14 @@ def make_train_step(model: FashionFINE, optimizer: optax.GradientTransformation,
 
         # Focal ITC with distillation against [local batch; queue] keys and product-id targets.
         temp = params["temp"]
-        f32 = lambda x: x.astype(jnp.float32)
         keys_t = jnp.concatenate([g_t_m, queues["text"].astype(g_t_m.dtype)], axis=0)
         keys_v = jnp.concatenate([g_v_m, queues["image"].astype(g_v_m.dtype)], axis=0)
+        f32 = lambda x: x.astype(jnp.float32)
+        q_keys_t, q_keys_v = keys_t, keys_v  # the keys the online features are scored against
         if loss_cfg.scratch_warmup_steps > 0 and loss_cfg.scratch_warmup_maa_keys:
-            batch_t = jnp.where(queue_on, f32(g_t_m), f32(z_t))
-            batch_v = jnp.where(queue_on, f32(g_v_m), f32(z_v))
-            q_keys_t = jnp.concatenate([batch_t, f32(queues["text"])], axis=0)
-            q_keys_v = jnp.concatenate([batch_v, f32(queues["image"])], axis=0)
-        else:
-            q_keys_t, q_keys_v = keys_t, keys_v
+            n = g_t_m.shape[0]
+            q_keys_t = keys_t.at[:n].set(jnp.where(queue_on, g_t_m, z_t.astype(g_t_m.dtype)))
+            q_keys_v = keys_v.at[:n].set(jnp.where(queue_on, g_v_m, z_v.astype(g_v_m.dtype)))
         sim_i2t = f32(z_v) @ f32(q_keys_t).T / temp
         sim_t2i = f32(z_t) @ f32(q_keys_v).T / temp
         sim_i2t_m = f32(g_v_m) @ f32(keys_t).T / temp

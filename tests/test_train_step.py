@@ -9,6 +9,7 @@ from fine_jax.config import tiny_config
 from fine_jax.models.fine import MOMENTUM_MODULES, FashionFINE, ModelConfig
 from fine_jax.momentum import IDX_QUEUE_FILL
 from fine_jax.train_step import LossConfig, create_train_state, make_train_step
+from test_objectives import np_focal
 
 
 def make_batch(cfg, seed=0, batch=None):
@@ -237,12 +238,6 @@ def test_scratch_warmup_can_keep_the_queue_in_the_softmax(cfg):
                            s1["momentum"], {k: state["params"][k] for k in MOMENTUM_MODULES})
 
 
-def _np_focal(logits, y, af, gamma):
-    logits = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    return float(np.mean(np.sum(-af * (1 - p) ** gamma * y * np.log(p), axis=1)))
-
-
 def test_scratch_warmup_maa_keys_contrast_the_maa_features_of_both_sides(cfg):
     c = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
     c.loss.scratch_warmup_steps = 1
@@ -260,8 +255,8 @@ def test_scratch_warmup_maa_keys_contrast_the_maa_features_of_both_sides(cfg):
     gt = (batch["idx"][:, None] == batch["idx"][None, :]).astype(np.float64)
     gt /= gt.sum(1, keepdims=True)
     sim = z_v @ z_t.T / temp  # the queue is out of the softmax during the warm-up
-    expected = (_np_focal(sim, gt, c.loss.alpha_focal, c.loss.gamma_focal)
-                + _np_focal(sim.T, gt, c.loss.alpha_focal, c.loss.gamma_focal)) / 2
+    expected = (np_focal(sim, gt, c.loss.alpha_focal, c.loss.gamma_focal)
+                + np_focal(sim.T, gt, c.loss.alpha_focal, c.loss.gamma_focal)) / 2
     s1, m1 = jstep(state, batch, jax.random.PRNGKey(0))
     np.testing.assert_allclose(float(m1["loss_itc"]), expected, rtol=1e-4)
     # The default keys (stop-gradient CLS features) give another loss on the same state.
