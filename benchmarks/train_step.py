@@ -28,10 +28,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fine_jax import config as config_lib  # noqa: E402
+from fine_jax import stages  # noqa: E402
 from fine_jax.config import base_config, tiny_config  # noqa: E402
-from fine_jax.models.fine import FashionFINE, ModelConfig  # noqa: E402
+from fine_jax.models.fine import FashionFINE  # noqa: E402
 from fine_jax.optim import make_optimizer  # noqa: E402
-from fine_jax.train_step import LossConfig, create_train_state, make_train_step  # noqa: E402
+from fine_jax.stages.common import create_state  # noqa: E402
 
 
 def size_config(name: str):
@@ -65,12 +67,13 @@ def bench(size: str, batch: int, steps: int, dtype: str) -> dict:
     cfg = size_config(size)
     cfg.model.dtype = dtype
     cfg.train.global_batch_size = batch
-    model = FashionFINE(ModelConfig.from_config(cfg.model))
-    loss_cfg = LossConfig.from_config(cfg.loss)
+    model = FashionFINE(config_lib.model_config(cfg))
+    loss_cfg = config_lib.loss_config(cfg)
+    stage = stages.get(cfg.stage)
     optimizer, schedule = make_optimizer(cfg.optim, steps_per_epoch=1000)
-    state = jax.jit(lambda r: create_train_state(model, optimizer, r, loss_cfg.queue_size))(
-        jax.random.PRNGKey(0))
-    step = jax.jit(make_train_step(model, optimizer, loss_cfg, 1000, schedule), donate_argnums=0)
+    queues = stage.make_queues(loss_cfg, cfg.model.embed_dim)
+    state = jax.jit(lambda r: create_state(model, optimizer, r, queues))(jax.random.PRNGKey(0))
+    step = jax.jit(stage.make_step(model, optimizer, loss_cfg, 1000, schedule), donate_argnums=0)
     batch_arrays = jax.device_put(random_batch(cfg, batch))
     rng = jax.random.PRNGKey(1)
 

@@ -35,9 +35,11 @@ EMBEDDING_MODULES = ("visual_encoder", "text_encoder", "vision_proj", "text_proj
                      "combine_vision_proj", "combine_text_proj", "maa")
 
 
-def _model_config(saved: dict) -> ModelConfig:
+def _model_config(saved: dict, stage: str = "pretrain") -> ModelConfig:
+    """The model of a saved config (its ``model`` block; the variant follows its ``stage``)."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in saved.items() if k in fields})
+    values = {k: v for k, v in saved.items() if k in fields}
+    return ModelConfig(**{**values, "variant": stage})
 
 
 def _vocab_path(path: pathlib.Path, config: dict) -> pathlib.Path:
@@ -102,7 +104,7 @@ class FineModel:
         weights, info = read_weights(path, parts=("params",), step=step)
         _warn_if_untrained(info)
         config = info.get("config", {})
-        model_config = _model_config(config.get("model", {}))
+        model_config = _model_config(config.get("model", {}), config.get("stage", "pretrain"))
         vocab = pathlib.Path(vocab) if vocab is not None else _vocab_path(pathlib.Path(path),
                                                                           config)
         tokenizer = text_ops.Tokenizer.from_vocab_file(vocab)
@@ -137,6 +139,11 @@ class FineModel:
                            for t in texts))
         return np.stack(ids), np.stack(masks)
 
+    def _check_retrieval_model(self) -> None:
+        if "maa" not in self.config.modules:
+            raise ValueError(f"a {self.config.variant} checkpoint has no MAA: z_v / z_t come from a "
+                             "stage-1 or stage-2 model")
+
     def encode_image(self, images) -> np.ndarray:
         """-> (N, E) L2-normalised z_v. ``images``: PIL images or uint8 HxWx3 arrays, a uint8
         (N, H, W, 3) array, or a single image."""
@@ -145,12 +152,38 @@ class FineModel:
         images = list(images)
         if not images:
             return self._empty()
-        return self._batched(self._embed_images, [self.preprocess_images(images)], [0])
+        return self.embed_image_arrays(self.preprocess_images(images))
 
     def encode_text(self, texts) -> np.ndarray:
         """-> (N, E) L2-normalised z_t. ``texts``: product descriptions, or a single one."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return self._empty()
-        ids, mask = self.tokenize(texts)
+        return self.embed_token_ids(*self.tokenize(texts))
+
+    def embed_image_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Already preprocessed images, float (N, S, S, 3) normalised as the evaluation transform
+        (``preprocess_images``) leaves them -> (N, E) z_v."""
+        self._check_retrieval_model()
+        images = np.asarray(images, np.float32)
+        size = self.config.image_size
+        if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise ValueError(f"preprocessed images must be float (N, {size}, {size}, 3), got "
+                             f"{images.shape}")
+        if not len(images):
+            return self._empty()
+        return self._batched(self._embed_images, [images], [0])
+
+    def embed_token_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Token ids and attention mask, int (N, L) in the evaluation layout (``tokenize``) ->
+        (N, E) z_t."""
+        self._check_retrieval_model()
+        ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(f"input_ids and attention_mask must both be (N, L), got {ids.shape} "
+                             f"and {mask.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        if not len(ids):
+            return self._empty()
         return self._batched(self._embed_texts, [ids, mask], [self.tokenizer.pad_id, 1])

@@ -46,8 +46,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        if self.manager is None:
+            return
         self.manager.wait_until_finished()
         self.manager.close()
+        self.manager = None
 
 
 def abstract_like(state):
@@ -101,43 +104,67 @@ def save_weights(directory: str | pathlib.Path, weights: dict, info: dict, overw
     return directory
 
 
+BEST_DIR = "best"  # WORKDIR/best: the best evaluated step, a weights checkpoint
+
+
 def _training_steps(checkpoints: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def locate_weights(path: str | pathlib.Path, step: int | None = None) -> tuple[pathlib.Path, dict]:
+def best_info(workdir: str | pathlib.Path) -> dict | None:
+    """The info of a workdir's best checkpoint (step, criterion, value, results), or None."""
+    info = pathlib.Path(workdir) / BEST_DIR / WEIGHTS_INFO
+    return json.loads(info.read_text()) if info.is_file() else None
+
+
+def locate_weights(path: str | pathlib.Path, step: int | str | None = None,
+                   log=None) -> tuple[pathlib.Path, dict]:
     """-> (the orbax pytree directory to read, info) for a weights checkpoint or a workdir.
 
-    For a training workdir the info holds its ``config.json`` and the step (the latest unless
-    ``step`` is given); for a weights checkpoint it is its ``fine_jax_weights.json``.
+    For a training workdir ``step`` chooses: ``"best"`` (its best evaluated step, kept in
+    ``WORKDIR/best``; the latest step when it has none), ``"latest"`` or None (the latest), or a
+    step number. The info holds the workdir's ``config.json`` and the step. For a weights
+    checkpoint ``step`` must be None or "best"/"latest"; the info is its ``fine_jax_weights.json``.
     """
     path = pathlib.Path(path).expanduser().absolute()
     if (path / WEIGHTS_INFO).is_file():
-        if step is not None:
-            raise WeightsNotFound(f"{path} is a converted weights checkpoint: it has no steps")
+        if step not in (None, "best", "latest"):
+            raise WeightsNotFound(f"{path} is a weights checkpoint: it has no step {step}")
         return path / WEIGHTS_ITEM, json.loads((path / WEIGHTS_INFO).read_text())
     checkpoints = path / "checkpoints"
     steps = _training_steps(checkpoints) if checkpoints.is_dir() else []
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if step == "best" and (path / BEST_DIR / WEIGHTS_INFO).is_file():
+        item, info = locate_weights(path / BEST_DIR)
+        if log:
+            log(f"{path}: the best checkpoint, step {info.get('step')} "
+                f"({info.get('criterion')} = {info.get('value', float('nan')):.2f})")
+        return item, dict(info, config=config or info.get("config", {}),
+                          source={"workdir": str(path), "step": info.get("step"), "best": True})
     if not steps:
         raise WeightsNotFound(f"{path} is neither a fine_jax weights checkpoint (no {WEIGHTS_INFO}; "
                               "write one with python -m fine_jax.convert) nor a training workdir "
                               "with checkpoints")
-    step = steps[-1] if step is None else int(step)
+    if step in (None, "best", "latest"):
+        if step == "best" and log:
+            log(f"{path} has no best checkpoint (it was never evaluated): using its latest step "
+                f"{steps[-1]}")
+        step = steps[-1]
+    step = int(step)
     if step not in steps:
         raise WeightsNotFound(f"{checkpoints} has no step {step}; it has {steps}")
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return checkpoints / str(step) / "state", {"config": config, "source": {
-        "workdir": str(path), "step": step}}
+        "workdir": str(path), "step": step}, "step": step}
 
 
 def read_weights(path: str | pathlib.Path, parts=("params", "momentum", "queues", "extras"),
-                 step: int | None = None) -> tuple[dict, dict]:
+                 step: int | str | None = None, log=None) -> tuple[dict, dict]:
     """-> ({part: numpy tree} for the ``parts`` the checkpoint has, info); see ``locate_weights``.
 
     Only the requested parts are read from disk (a training state's optimiser moments are not).
     """
-    item, info = locate_weights(path, step)
+    item, info = locate_weights(path, step, log)
     handler = ocp.PyTreeCheckpointHandler()
     stored = handler.metadata(item).tree
     wanted = {part: stored[part] for part in parts if part in stored}

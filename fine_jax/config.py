@@ -1,7 +1,15 @@
 """The configuration schema shared by every config file, and its validation.
 
-``base_config()`` holds the reference stage-1 values (method_spec §8.1); files in ``configs/`` start
-from it and override. Any value can be changed on the command line with ``--config.a.b=value``.
+``base_config()`` holds the reference stage-1 values (method_spec §8.1). The ``model``, ``loss`` and
+``optim`` blocks are built from the dataclasses that the code reads them into
+(:class:`~fine_jax.models.fine.ModelConfig`, :class:`~fine_jax.objectives.LossConfig`,
+:class:`~fine_jax.optim.OptimConfig`), so each default lives in one place; the ``data``, ``train``,
+``eval`` and ``init`` blocks live here. Files in ``configs/`` start from it and override; any
+value can be changed on the command line with ``--config.a.b=value``, and a named model size with
+``--config=configs/FILE.py:SIZE`` (see :data:`SIZES`).
+
+:func:`validate` is the one place where impossible combinations are refused, each with a
+:class:`ConfigError` that names the keys and the fix.
 """
 from __future__ import annotations
 
@@ -9,54 +17,54 @@ import dataclasses
 
 import ml_collections
 
+from fine_jax.models.fine import ModelConfig
+from fine_jax.objectives import LossConfig
+from fine_jax.optim import OptimConfig
+
 
 class ConfigError(ValueError):
     """An impossible or inconsistent configuration; the message names the keys and the fix."""
 
 
-def dataclass_from_block(cls, block, name: str):
-    """Builds the frozen dataclass ``cls`` from config block ``name``; unknown keys are an error."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = dict(block)
-    unknown = set(values) - fields
-    if unknown:
-        raise ConfigError(f"unknown {name} config keys: {sorted(unknown)}; known: {sorted(fields)}")
-    return cls(**values)
+STAGES = ("pretrain", "retrieval", "tgir")
+# The model variant each stage trains (fine_jax.models.fine.VARIANT_MODULES).
+STAGE_VARIANT = {"pretrain": "pretrain", "retrieval": "retrieval", "tgir": "tgir"}
+VIT_PRETRAIN_LABELS = ("subcategory", "category")  # the record fields init.vit_pretrain_label names
+
+# Named model sizes, chosen with --config=configs/FILE.py:NAME. "base" is the reference
+# (ViT-B/16 @ 256 px + BERT-base 6+6). "tiny" is the size of the tests and of
+# benchmarks/train_step.py, fixed so that step times can be compared across implementations:
+# ViT 64 wide, 2 deep, 2 heads, 16 px patches on 64 px images; BERT 64 hidden, 4 layers (2 text + 2
+# fusion), 2 heads, FFN 256, full 30,522 vocab; E = 256. "demo" is the embedded demo's model.
+SIZES = {
+    "base": {},
+    "tiny": dict(image_size=64, patch_size=16, vision_width=64, vision_depth=2, vision_heads=2,
+                 vocab_size=30522, hidden_size=64, num_layers=4, fusion_layer=2, num_heads=2,
+                 intermediate_size=256, embed_dim=256),
+    "demo": dict(image_size=64, patch_size=8, vision_width=128, vision_depth=2, vision_heads=4,
+                 hidden_size=128, num_layers=3, fusion_layer=2, num_heads=4, intermediate_size=512,
+                 max_position_embeddings=64, embed_dim=128),
+}
+TINY_MODEL = SIZES["tiny"]
+
+
+def _block(cls, exclude=()) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({k: v for k, v in dataclasses.asdict(cls()).items()
+                                      if k not in exclude})
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-
-    # Model sizes: ViT-B/16 @ 256 px + BERT-base split 6 text + 6 fusion layers.
-    c.model = ml_collections.ConfigDict(dict(
-        image_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
-        vision_mlp_ratio=4.0, vision_ln_eps=1e-6,
-        vocab_size=30522, hidden_size=768, num_layers=12, fusion_layer=6, num_heads=12,
-        intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
-        hidden_dropout=0.1, attention_dropout=0.1, bert_ln_eps=1e-12,
-        embed_dim=256, replace_kind_num=2, temp_init=0.07,
-        img_patch_ratio=0.05, text_patch_ratio=0.25, symbol_ratio=0.95, text_local_start=2,
-        mask_padding_in_pooling=False,  # method_spec §10 B1 fix when True
-        dtype="float32",
-    ))
-
-    c.loss = ml_collections.ConfigDict(dict(
-        momentum=0.995, alpha=0.4, alpha_warmup=True, alpha_focal=0.25, gamma_focal=2.0,
-        temp_min=0.001, temp_max=0.5, queue_size=65536,
-        w_itc=1.0, w_itm=1.0, w_sym=1.0, w_mlm=1.0, w_rtp=1.0,
-        itm_exclude_same_product=False,  # method_spec §10 B4 fix when True
-        scratch_warmup_steps=0,  # from-scratch training only, see train_step.LossConfig
-        scratch_warmup_queue=False,
-        scratch_warmup_maa_keys=False,
-    ))
-
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=6e-5, warmup_lr=1e-5, min_lr=1e-5, warmup_units=5, warmup_unit_iters=100, epochs=10,
-        weight_decay=0.02, b1=0.9, b2=0.999, eps=1e-8,
-    ))
+    # Which stage this config trains: "pretrain" (stage 1), "retrieval" (stage 2, FashionGen
+    # retrieval fine-tuning) or "tgir" (stage 3, text-guided image retrieval on FashionIQ).
+    c.stage = "pretrain"
+    c.model = _block(ModelConfig, exclude=("variant",))  # the variant follows ``stage``
+    c.loss = _block(LossConfig)
+    c.optim = _block(OptimConfig)
 
     c.data = ml_collections.ConfigDict(dict(
-        # "fashiongen": real FashionGen in data_dir; "synthetic": the embedded demo set.
+        # "fashiongen": real FashionGen in data_dir; "fashioniq": real FashionIQ in data_dir
+        # (stage 3); "synthetic": the embedded demo set (its TGIR variant in stage 3).
         source="fashiongen",
         data_dir="data/fashiongen",
         # FashionGen form in data_dir: "auto" (detect), "arrayrecord" (fine_jax.data.prepare),
@@ -91,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic_eval_products=400,
         synthetic_views=3,
         synthetic_image_size=64,
+        # Its TGIR variant (stage 3 with source="synthetic"): training / validation triplets.
+        synthetic_tgir_train=1600,
+        synthetic_tgir_eval=300,
     ))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -100,13 +111,19 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=50,
         checkpoint_every=2000,
         keep_checkpoints=2,
-        eval_at_end=True,
-        eval_every_epoch=False,
+        # Deterministic step: no dropout anywhere (the reference trains with BERT dropout 0.1).
+        deterministic=False,
     ))
 
     # Initial weights of a fresh run (fine_jax.interop.initialize); a resumed run ignores them.
     c.init = ml_collections.ConfigDict(dict(
-        checkpoint="",  # weights from python -m fine_jax.convert (or a training workdir)
+        # Weights from python -m fine_jax.convert, or a training workdir (stages 2 and 3 start
+        # from a stage-1 workdir, as the reference does). Modules the checkpoint has but this
+        # stage's model does not are dropped.
+        checkpoint="",
+        # Which step of a training workdir: "best" (the best evaluated, else the latest),
+        # "latest", or a step number.
+        checkpoint_step="best",
         queues=True,  # also take the checkpoint's queues (their size must be loss.queue_size)
         bert="",  # bert-base-uncased folder / .safetensors / .bin, or a hub id (allow_download)
         vit="",  # timm/DeiT ViT-B/16 .pth / .safetensors / folder, or a hub id (allow_download)
@@ -120,50 +137,148 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=256,
+        # Evaluate every N epochs during training (0: only at the end) and at the end; the best
+        # checkpoint by the stage's criterion is kept in WORKDIR/best.
+        every_epochs=1,
+        at_end=True,
         sample100_seed=66,
         sample100_queries=1000,
         sample100_negatives=100,
+        sample100_draws=5,  # draws (seeds sample100_seed, +1, ...) for the mean and spread
+        # ITM re-ranking of each query's top-k contrastive candidates (0: off). Reported under
+        # its own keys; the contrastive results are unchanged.
+        itm_rerank_k=0,
+        # FashionIQ: "val" (the reference's gallery) or "split" (the full image split).
+        tgir_gallery="val",
     ))
     return c
 
 
-VIT_PRETRAIN_LABELS = ("subcategory", "category")  # the record fields init.vit_pretrain_label names
+def apply_size(config: ml_collections.ConfigDict, name: str | None) -> ml_collections.ConfigDict:
+    """Sets the model sizes named ``name`` (a key of :data:`SIZES`); None or "" leaves them."""
+    if not name:
+        return config
+    if name not in SIZES:
+        raise ConfigError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)} "
+                          "(--config=configs/FILE.py:SIZE)")
+    defaults = dataclasses.asdict(ModelConfig())
+    sizes = {k: defaults[k] for k in SIZES["tiny"]} if name == "base" else {}
+    config.model.update({**sizes, **SIZES[name]})
+    if name == "tiny":  # the text, queue and batch that go with the tiny size
+        config.data.max_len = 32
+        config.loss.queue_size = 1024
+        config.train.global_batch_size = 8
+    return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Checks the combinations the model cannot run with; raises ConfigError naming the fix."""
-    t, l, m, d = config.train, config.loss, config.model, config.data
+def _check_keys(config) -> None:
+    """Unknown keys in the dataclass-backed blocks (a typo in a config file is not ignored)."""
+    for name, cls in (("model", ModelConfig), ("loss", LossConfig), ("optim", OptimConfig)):
+        known = {f.name for f in dataclasses.fields(cls)} - {"variant"}
+        unknown = set(config[name].keys()) - known
+        if unknown:
+            raise ConfigError(f"unknown {name} config keys: {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(sorted(known))}")
+    reference = base_config()
+    for name in ("data", "train", "init", "eval"):
+        unknown = set(config[name].keys()) - set(reference[name].keys())
+        if unknown:
+            raise ConfigError(f"unknown {name} config keys: {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(sorted(reference[name].keys()))}")
+    unknown = set(config.keys()) - set(reference.keys())
+    if unknown:
+        raise ConfigError(f"unknown config blocks: {', '.join(sorted(unknown))}")
+
+
+def model_config(config) -> ModelConfig:
+    """The model block as a checked ModelConfig; its variant follows ``config.stage``.
+
+    ``model.vocab_size`` 0 means "from the dataset's vocab": the caller sets it before building
+    the model (the check here skips it).
+    """
+    values = dict(config.model)
+    values["variant"] = STAGE_VARIANT[config.get("stage", "pretrain")]
+    mc = ModelConfig(**values)
+    try:
+        dataclasses.replace(mc, vocab_size=mc.vocab_size or 1).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return mc
+
+
+def loss_config(config) -> LossConfig:
+    return LossConfig(**dict(config.loss))
+
+
+def optim_config(config) -> OptimConfig:
+    return OptimConfig(**dict(config.optim))
+
+
+def queue_batch(config) -> int:
+    """Entries one step writes into the (image) queue: the global batch, twice it in stage 3
+    (target and reference image features, method_spec §5.3)."""
+    bg = config.train.global_batch_size
+    return 2 * bg if config.stage == "tgir" else bg
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
+             num_train_records: int | None = None) -> None:
+    """Checks the combinations the model cannot run with; raises ConfigError naming the fix.
+
+    ``num_train_records``, when known, also checks that one global batch fits the training set.
+    """
+    if config.get("stage") not in STAGES:
+        raise ConfigError(f"stage={config.get('stage')!r}: use one of {', '.join(STAGES)}")
+    _check_keys(config)
+    model_config(config)
+    loss_config(config)
+    t, l, m, d, e = config.train, config.loss, config.model, config.data, config.eval
     bg = t.global_batch_size
     if bg < 2:
-        raise ConfigError(f"train.global_batch_size={bg}: ITM hard-negative mining needs at least "
-                          "2 samples per batch")
+        raise ConfigError(f"train.global_batch_size={bg}: the in-batch contrastive keys and ITM "
+                          "hard-negative mining need at least 2 samples per batch")
     if bg % num_devices:
         raise ConfigError(f"train.global_batch_size={bg} is not divisible by the {num_devices} "
                           "devices; choose a multiple of the device count")
-    if l.queue_size % bg:
+    if num_train_records is not None and num_train_records < bg:
+        raise ConfigError(f"train.global_batch_size={bg} is larger than the training set "
+                          f"({num_train_records} items); lower --config.train.global_batch_size")
+    qb = queue_batch(config)
+    if l.queue_size < qb or l.queue_size % qb:
+        what = ("twice the global batch (stage 3 enqueues target and reference images)"
+                if config.stage == "tgir" else "the global batch")
         raise ConfigError(
-            f"loss.queue_size={l.queue_size} is not divisible by the global batch {bg} "
-            f"(train.global_batch_size): the queue pointer must advance in whole batches. "
-            f"Use e.g. --config.loss.queue_size={max(bg, (l.queue_size // bg) * bg)}")
-    if l.queue_size < bg:
-        raise ConfigError(f"loss.queue_size={l.queue_size} is smaller than the global batch {bg}")
+            f"loss.queue_size={l.queue_size} is not divisible by {what}, {qb} "
+            f"(train.global_batch_size={bg}): the queue pointer must advance in whole batches. "
+            f"Use e.g. --config.loss.queue_size={max(qb, (l.queue_size // qb) * qb)}")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        if t[key] < 1:
+            raise ConfigError(f"train.{key}={t[key]} must be at least 1")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: use a positive count, or -1 for "
+                          "optim.epochs full epochs")
+    if e.every_epochs < 0:
+        raise ConfigError(f"eval.every_epochs={e.every_epochs} must be >= 0 (0: only at the end)")
+    if e.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={e.batch_size} must be at least 1")
+    if e.itm_rerank_k < 0:
+        raise ConfigError(f"eval.itm_rerank_k={e.itm_rerank_k} must be >= 0 (0 turns it off)")
+    if e.itm_rerank_k and config.stage == "tgir":
+        raise ConfigError("eval.itm_rerank_k: the stage-3 model has no ITM head; set it to 0")
+    if e.tgir_gallery not in ("val", "split"):
+        raise ConfigError(f"eval.tgir_gallery={e.tgir_gallery!r}: use val or split")
+    if e.sample100_draws < 1:
+        raise ConfigError(f"eval.sample100_draws={e.sample100_draws} must be at least 1")
     if d.max_len > m.max_position_embeddings:
         raise ConfigError(f"data.max_len={d.max_len} exceeds model.max_position_embeddings="
                           f"{m.max_position_embeddings}")
     if d.max_len <= m.text_local_start:
         raise ConfigError(f"data.max_len={d.max_len} leaves no local text tokens after position "
                           f"{m.text_local_start}")
-    if not 0 <= m.fusion_layer <= m.num_layers:
-        raise ConfigError(f"model.fusion_layer={m.fusion_layer} must be within [0, "
-                          f"model.num_layers={m.num_layers}]")
-    if m.image_size % m.patch_size:
-        raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size="
-                          f"{m.patch_size}")
-    if m.vision_width != m.hidden_size:
-        raise ConfigError(f"model.vision_width={m.vision_width} must equal model.hidden_size="
-                          f"{m.hidden_size}: one adapter pools both modalities at one width")
-    if not (0.0 <= m.img_patch_ratio <= 1.0 and 0.0 <= m.text_patch_ratio <= 1.0):
-        raise ConfigError("model.img_patch_ratio and model.text_patch_ratio must lie in [0, 1]")
+    sources = ("fashioniq", "synthetic") if config.stage == "tgir" else ("fashiongen", "synthetic")
+    if d.source not in sources:
+        raise ConfigError(f"data.source={d.source!r} cannot feed stage {config.stage!r}; use one of "
+                          f"{', '.join(sources)}")
     if d.format not in ("auto", "arrayrecord", "h5", "reference_json"):
         raise ConfigError(f"data.format={d.format!r}: use auto, arrayrecord, h5 or reference_json")
     if d.lexicon not in ("wordnet", "json", "none"):
@@ -171,7 +286,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < lo <= hi <= 1")
-    if not d.stage1_symbol and config.loss.w_sym > 0:
+    if config.stage == "pretrain" and not d.stage1_symbol and l.w_sym > 0:
         raise ConfigError("data.stage1_symbol=False leaves no symbol token for the symbol loss; set "
                           "--config.loss.w_sym=0 or keep the symbol")
     for flag in ("scratch_warmup_queue", "scratch_warmup_maa_keys"):
@@ -179,6 +294,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
             raise ConfigError(f"loss.{flag}=True only changes the from-scratch warm-up, which is off "
                               "(loss.scratch_warmup_steps=0); set --config.loss.scratch_warmup_steps "
                               f"or --config.loss.{flag}=False")
+    if l.scratch_warmup_steps and config.stage != "pretrain":
+        raise ConfigError("loss.scratch_warmup_steps is a stage-1 option (training from random "
+                          "weights); stages 2 and 3 start from a stage-1 checkpoint")
     if config.optim.epochs < 1:
         raise ConfigError("optim.epochs must be at least 1")
     if config.init.vit_pretrain_steps < 0:
@@ -187,29 +305,34 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if config.init.vit_pretrain_steps and label not in VIT_PRETRAIN_LABELS:
         raise ConfigError(f"init.vit_pretrain_label={label!r}: use one of "
                           f"{', '.join(VIT_PRETRAIN_LABELS)}")
+    if config.init.vit_pretrain_steps and config.stage != "pretrain":
+        raise ConfigError("init.vit_pretrain_steps is a stage-1 option; stages 2 and 3 start from "
+                          "a stage-1 checkpoint (init.checkpoint)")
     if config.init.checkpoint and config.init.vit_pretrain_steps:
         raise ConfigError("init.checkpoint already holds a trained ViT; set "
                           "--config.init.vit_pretrain_steps=0")
     if config.init.checkpoint and (config.init.bert or config.init.vit):
         raise ConfigError("init.checkpoint already holds both towers; leave init.bert and init.vit "
                           "empty when it is set")
-
-
-# The "tiny" size used by tests and by benchmarks/train_step.py, fixed so that step times can be
-# compared across implementations: ViT 64 wide, 2 deep, 2 heads, 16 px patches on 64 px images;
-# BERT 64 hidden, 4 layers (2 text + 2 fusion), 2 heads, FFN 256, full 30,522 vocab; E = 256.
-TINY_MODEL = dict(
-    image_size=64, patch_size=16, vision_width=64, vision_depth=2, vision_heads=2,
-    vocab_size=30522, hidden_size=64, num_layers=4, fusion_layer=2, num_heads=2,
-    intermediate_size=256, embed_dim=256,
-)
+    step = str(config.init.checkpoint_step)
+    if step not in ("best", "latest") and not step.isdigit():
+        raise ConfigError(f"init.checkpoint_step={step!r}: use best, latest or a step number")
 
 
 def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
     """Reference config with the tiny model, text length 32, queue 1,024 and batch 8."""
-    c = base_config()
-    c.model.update(dict(TINY_MODEL, **model_overrides))
-    c.data.max_len = 32
-    c.loss.queue_size = 1024
-    c.train.global_batch_size = 8
+    c = apply_size(base_config(), "tiny")
+    c.model.update(model_overrides)
     return c
+
+
+def load_config_file(path, size: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(size)`` of a config file given by path (a config built on another one)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"fine_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(size)

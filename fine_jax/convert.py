@@ -7,8 +7,10 @@ Reads Fashion-FINE stage 1/2/3, FashionSAP and ALBEF-4M/14M state_dicts (the lay
 the keys, ``--layout`` overrides; see ``fine_jax.interop.layouts``), checks every array against the
 model config (``--config`` with any ``--config.model.*`` overrides; without ``--config``, the
 reference sizes of ``fine_jax.config.base_config``), and writes params, momentum parameters and
-queues (plus what only stage 3 has, under ``extras``) as an orbax checkpoint with a
-``fine_jax_weights.json`` beside it.
+queues as an orbax checkpoint with a ``fine_jax_weights.json`` beside it. Each layout goes into
+the tree of its stage's model: ``retrieval`` into the stage-2 tree (no phrase convolutions, MLM or
+replace heads), ``tgir`` into the stage-3 tree (no MAA or heads; image and fusion queues), the
+others into the stage-1 tree.
 
 Missing or unused keys stop the conversion with their names unless ``--allow_partial``; what a
 layout does not have at all (stage 2's MLM head, ALBEF's ``combine_*_proj``) keeps fine_jax's
@@ -22,6 +24,7 @@ import pathlib
 import sys
 
 from fine_jax.checkpoint import save_weights
+from fine_jax import config as config_lib
 from fine_jax.config import ConfigError, base_config
 from fine_jax.interop import io
 from fine_jax.interop.layouts import LAYOUTS, LayoutError
@@ -41,12 +44,7 @@ def model_config_for(cfg, state_dict) -> ModelConfig:
             raise ConfigError("model.vocab_size is 0 and the file has no word embeddings to size it "
                               "from; set --config.model.vocab_size")
         cfg.model.vocab_size = int(state_dict[key].shape[0])
-    model_config = ModelConfig.from_config(cfg.model)
-    try:
-        model_config.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return model_config
+    return config_lib.model_config(cfg)
 
 
 def convert(pth, out, cfg=None, layout: str | None = None, allow_partial: bool = False,
@@ -64,10 +62,12 @@ def convert(pth, out, cfg=None, layout: str | None = None, allow_partial: bool =
     model_config = model_config_for(cfg, state_dict)
     weights, report = convert_state_dict(state_dict, model_config, layout, allow_partial, seed,
                                          cfg.loss.queue_size)
+    variant = LAYOUTS[report.layout].variant
     for line in report.lines():
         log(line)
     info = {
-        "config": {"model": cfg.model.to_dict(), "data": {"max_len": cfg.data.max_len}},
+        "config": {"stage": variant, "model": cfg.model.to_dict(),
+                   "data": {"max_len": cfg.data.max_len}},
         "source": {"file": str(pathlib.Path(pth).expanduser().absolute()), "layout": report.layout,
                    "seed": seed},
         "report": report.to_dict(),

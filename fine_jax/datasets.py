@@ -35,8 +35,8 @@ class DatasetInvalid(DatasetMissing):
 
 @dataclasses.dataclass
 class ResolvedData:
-    train: object  # a FashionGen row source (fine_jax.data.fashiongen / reference_json / arrayrecord)
-    eval: object
+    train: object | None  # a FashionGen row source (data.fashiongen / reference_json / arrayrecord)
+    eval: object | None
     tokenizer: text_ops.Tokenizer
     category_symbols: dict
     lexicon: object  # text.Lexicon or wordnet.WordNetLexicon
@@ -116,7 +116,7 @@ def make_lexicon(d, root: pathlib.Path):
     raise DatasetMissing(f"data.lexicon={d.lexicon!r} is not known; use one of {LEXICONS}")
 
 
-def _resolve_synthetic(cfg) -> ResolvedData:
+def _resolve_synthetic(cfg, splits) -> ResolvedData:
     from fine_jax.data import synthetic
     from fine_jax.data.fashiongen import FashionGenH5Source
 
@@ -128,18 +128,21 @@ def _resolve_synthetic(cfg) -> ResolvedData:
     with open(root / synthetic.TWINS_FILE.format(split="validation")) as f:
         twins = [(int(a), int(b)) for a, b, *_ in json.load(f)]
     return ResolvedData(
-        train=FashionGenH5Source(root / synthetic.TRAIN_FILE),
-        eval=FashionGenH5Source(root / synthetic.VALIDATION_FILE),
+        train=FashionGenH5Source(root / synthetic.TRAIN_FILE) if "train" in splits else None,
+        eval=FashionGenH5Source(root / synthetic.VALIDATION_FILE) if "validation" in splits
+        else None,
         tokenizer=text_ops.Tokenizer.from_vocab_file(root / synthetic.VOCAB_FILE),
         category_symbols=text_ops.load_category_symbols(root / synthetic.CATEGORY_SIGN_FILE),
         lexicon=text_ops.Lexicon.from_json(root / synthetic.LEXICON_FILE), twins=twins, root=root,
         format="h5")
 
 
-def resolve(cfg) -> ResolvedData:
+def resolve(cfg, splits=SPLITS, lexicon: bool = True) -> ResolvedData:
+    """FashionGen (or the embedded set) for ``splits``; evaluation passes ``("validation",)`` and
+    ``lexicon=False``, so it opens neither the training split nor WordNet."""
     d = cfg.data
     if d.source == "synthetic":
-        return _resolve_synthetic(cfg)
+        return _resolve_synthetic(cfg, splits)
     if d.source != "fashiongen":
         raise DatasetMissing(f"data.source={d.source!r} is not known; use 'fashiongen' or 'synthetic'")
     root = pathlib.Path(d.data_dir).expanduser()
@@ -154,8 +157,9 @@ def resolve(cfg) -> ResolvedData:
     if missing:
         raise DatasetMissing(help_text + f"\nMissing: {', '.join(missing)}")
     try:
-        train = open_fashiongen(root, "train", fmt, d.train_file, d.eval_file, d.images_dir)
-        evaluation = open_fashiongen(root, "validation", fmt, d.train_file, d.eval_file, d.images_dir)
+        train, evaluation = (
+            open_fashiongen(root, split, fmt, d.train_file, d.eval_file, d.images_dir)
+            if split in splits else None for split in SPLITS)
         tokenizer = text_ops.Tokenizer.from_vocab_file(root / d.vocab_file)
         symbols = text_ops.load_category_symbols(root / d.category_file)
     except FileNotFoundError as e:
@@ -163,4 +167,54 @@ def resolve(cfg) -> ResolvedData:
     except (ValueError, KeyError) as e:
         raise DatasetInvalid(f"FashionGen in {root} (format {fmt}): {e}") from None
     return ResolvedData(train=train, eval=evaluation, tokenizer=tokenizer, category_symbols=symbols,
-                        lexicon=make_lexicon(d, root), twins=[], root=root, format=fmt)
+                        lexicon=make_lexicon(d, root) if lexicon else None, twins=[], root=root,
+                        format=fmt)
+
+
+# ----------------------------------------------------------------------------------------------
+# FashionIQ (stage 3)
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ResolvedFashionIQ:
+    fiq: object  # fine_jax.data.fashioniq.FashionIQ
+    tokenizer: text_ops.Tokenizer
+    root: pathlib.Path
+
+
+FASHIONIQ_HELP = """FashionIQ was not found in data.data_dir={root}.
+Expected there (the public FashionIQ layout):
+  captions/cap.{{dress,shirt,toptee}}.{{train,val}}.json
+  image_splits/split.{{dress,shirt,toptee}}.{{train,val}}.json
+  images/<asin>.png   (or tgir_images/, the reference's folder name)
+  {vocab}   (the reference BERT vocab, fashion_annotation/vocab.txt)
+and pass --config.data.data_dir=/that/folder. To try stage 3 without FashionIQ, use the embedded
+set: --config.data.source=synthetic (configs/demo_tgir.py)."""
+
+
+def resolve_fashioniq(cfg) -> ResolvedFashionIQ:
+    """FashionIQ in ``data.data_dir``, or the embedded set's TGIR variant (``source=synthetic``)."""
+    from fine_jax.data import fashioniq
+
+    d = cfg.data
+    if d.source == "synthetic":
+        from fine_jax.data import synthetic
+
+        root = synthetic.ensure_tgir_dataset(
+            pathlib.Path(d.data_dir).expanduser() / "tgir", seed=d.synthetic_seed,
+            num_train=d.synthetic_tgir_train, num_validation=d.synthetic_tgir_eval,
+            image_size=d.synthetic_image_size)
+        vocab = root / "vocab.txt"
+    else:
+        root = pathlib.Path(d.data_dir).expanduser()
+        vocab = root / d.vocab_file
+    help_text = FASHIONIQ_HELP.format(root=root, vocab=d.vocab_file)
+    try:
+        fiq = fashioniq.FashionIQ(root)
+        if not vocab.is_file():
+            raise FileNotFoundError(f"no vocab: {vocab}")
+        if not (root / "captions").is_dir():
+            raise FileNotFoundError(f"no captions/ folder in {root}")
+    except FileNotFoundError as e:
+        raise DatasetMissing(f"{help_text}\nMissing: {e}") from None
+    return ResolvedFashionIQ(fiq=fiq, tokenizer=text_ops.Tokenizer.from_vocab_file(vocab),
+                             root=root)

@@ -53,3 +53,22 @@ def enqueue(queues: dict, image_feat: jax.Array, text_feat: jax.Array,
         out["idx"] = jax.lax.dynamic_update_slice(queues["idx"], idx.astype(jnp.int32), (ptr,))
     out["ptr"] = ((ptr + batch) % size).astype(jnp.int32)
     return out
+
+
+def init_tgir_queues(rng: jax.Array, size: int, dim: int) -> dict:
+    """Stage 3 (method_spec §1.7): ``image`` and ``fusion`` queues, random unit rows, each with
+    its own pointer (the image queue takes 2 Bg rows per step, the fusion queue Bg)."""
+    k_img, k_fus = jax.random.split(rng)
+    return {
+        "image": l2_normalize(jax.random.normal(k_img, (size, dim), jnp.float32)),
+        "fusion": l2_normalize(jax.random.normal(k_fus, (size, dim), jnp.float32)),
+        "image_ptr": jnp.zeros((), jnp.int32),
+        "fusion_ptr": jnp.zeros((), jnp.int32),
+    }
+
+
+def enqueue_rows(queue: jax.Array, ptr: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Writes ``rows`` at ``ptr``; returns (queue, (ptr + len(rows)) mod Q). Q must be a multiple
+    of ``len(rows)`` (checked when the config is validated), so a write never wraps."""
+    queue = jax.lax.dynamic_update_slice(queue, rows.astype(queue.dtype), (ptr, 0))
+    return queue, ((ptr + rows.shape[0]) % queue.shape[0]).astype(jnp.int32)

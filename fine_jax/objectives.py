@@ -5,10 +5,57 @@ is tested directly against a NumPy transcription of its formula.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 IGNORE_LABEL = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The training objective's settings with the reference values as defaults (method_spec §3-§5,
+    §8.1); the one source of the ``loss`` config block's defaults."""
+
+    momentum: float = 0.995
+    alpha: float = 0.4
+    alpha_warmup: bool = True  # linear ramp of alpha over epoch 0
+    alpha_focal: float = 0.25
+    gamma_focal: float = 2.0
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    queue_size: int = 65536
+    w_itc: float = 1.0
+    w_itm: float = 1.0
+    w_sym: float = 1.0
+    w_mlm: float = 1.0
+    w_rtp: float = 1.0
+    # method_spec §10 B4: exclude same-product pairs from ITM negative sampling. Off = reference.
+    itm_exclude_same_product: bool = False
+    # method_spec §10 B3 (stage 2): keep product ids in an idx queue and use product-id ITC
+    # targets, as stage 1 does, so an older copy of the same product is not a negative.
+    # Off = reference (diagonal targets, no idx queue).
+    retrieval_idx_queue: bool = False
+    # method_spec §10 B7 (stage 3): the momentum query feature uses the momentum
+    # combine_text_proj. Off = reference (the online one).
+    tgir_momentum_head_fix: bool = False
+    # Training from random weights (the reference always starts from ALBEF / FashionSAP weights).
+    # A random BERT maps every caption to nearly the same [CLS] feature, and from that state the
+    # momentum keys, the stale queue, self-distillation and the symbol loss all pull towards a
+    # collapsed solution where every image and text embeds alike. For the first N steps the
+    # contrastive keys are the in-batch online features (momentum coefficient 0), the queue is
+    # left out of the softmax (it is still filled), distillation is off (alpha 0) and the symbol
+    # loss weight is 0; afterwards the full objective runs. 0 = reference (no warm-up).
+    scratch_warmup_steps: int = 0
+    # During that warm-up, keep the queue in the softmax (its keys are then the online features of
+    # the last queue_size / batch steps): many more negatives than the batch alone.
+    scratch_warmup_queue: bool = False
+    # During that warm-up, take the in-batch keys from the online MAA features z_v, z_t (with
+    # gradient) instead of the global CLS features: a symmetric in-batch contrastive loss on the
+    # very features that retrieval ranks by. Off: the keys are the stop-gradient CLS features, as
+    # the momentum keys of the reference would be with momentum 0.
+    scratch_warmup_maa_keys: bool = False
 
 
 def idx_targets(idx: jax.Array, idx_all: jax.Array) -> jax.Array:

@@ -10,6 +10,23 @@ import optax
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule, reference stage-1 values as defaults (method_spec
+    §8.1); the one source of the ``optim`` config block's defaults."""
+
+    lr: float = 6e-5
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-5
+    warmup_units: int = 5
+    warmup_unit_iters: int = 100
+    epochs: int = 10
+    weight_decay: float = 0.02
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
     """The reference's timm CosineLRScheduler as driven by ALBEF-style training scripts.
 
@@ -58,7 +75,9 @@ def weight_decay_mask(params):
 
 
 def make_optimizer(cfg, steps_per_epoch: int) -> tuple[optax.GradientTransformation, callable]:
-    """Returns (optimizer, schedule_fn) from the ``optim`` config block."""
+    """Returns (optimizer, schedule_fn) from the ``optim`` config block (or an OptimConfig)."""
+    if not isinstance(cfg, OptimConfig):
+        cfg = OptimConfig(**dict(cfg))
     sched_cfg = ScheduleConfig(peak_lr=cfg.lr, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
                                warmup_units=cfg.warmup_units, warmup_unit_iters=cfg.warmup_unit_iters,
                                epochs=cfg.epochs)

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from fine_jax import config as config_lib
 from PIL import Image
 
 from fine_jax.api import FineModel
@@ -27,7 +29,7 @@ def setup(tmp_path_factory):
     cfg = tiny_config(vocab_size=len(VOCAB), image_size=32, embed_dim=32)
     cfg.data.max_len = MAX_LEN
     (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    config = ModelConfig.from_config(cfg.model)
+    config = config_lib.model_config(cfg)
     params = jax.device_get(init_params(FashionFINE(config), jax.random.PRNGKey(0)))
     info = {"config": {"model": cfg.model.to_dict(), "data": {"max_len": MAX_LEN}}}
     save_weights(root / "weights", {"params": params}, info,

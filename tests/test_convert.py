@@ -46,7 +46,7 @@ def tiny_cfg():
 
 
 def model_config(cfg=None) -> ModelConfig:
-    return ModelConfig.from_config((cfg or tiny_cfg()).model)
+    return config_lib.model_config(cfg or tiny_cfg())
 
 
 def random_weights(seed: int = 0, cfg=None, extras: bool = False) -> dict:
@@ -118,7 +118,7 @@ NOT_IN_LAYOUT = {
 
 @pytest.fixture(scope="module")
 def reference_params():
-    return abstract_params(ModelConfig.from_config(base_config().model))
+    return abstract_params(config_lib.model_config(base_config()))
 
 
 @pytest.mark.parametrize("layout", ["pretrain", "retrieval", "tgir"])
@@ -126,7 +126,7 @@ def test_every_reference_key_maps_at_reference_size(reference_state_dict_shapes,
                                                     layout):
     shapes = reference_state_dict_shapes[layout]
     state_dict = broadcast_random(shapes)
-    plan = plan_conversion(state_dict, ModelConfig.from_config(base_config().model),
+    plan = plan_conversion(state_dict, config_lib.model_config(base_config()),
                            params=reference_params)
     report = plan.report
     assert report.layout == layout

@@ -5,10 +5,12 @@ import numpy as np
 import optax
 import pytest
 
+from fine_jax import config as config_lib
 from fine_jax.config import tiny_config
-from fine_jax.models.fine import MOMENTUM_MODULES, FashionFINE, ModelConfig
+from fine_jax.models.fine import MOMENTUM_MODULES, FashionFINE
 from fine_jax.momentum import IDX_QUEUE_FILL
-from fine_jax.train_step import LossConfig, create_train_state, make_train_step
+from fine_jax.stages import pretrain
+from fine_jax.stages.common import create_state
 from test_objectives import np_focal
 
 
@@ -32,11 +34,12 @@ def make_batch(cfg, seed=0, batch=None):
 
 
 def build(cfg, optimizer=None, steps_per_epoch=100):
-    model = FashionFINE(ModelConfig.from_config(cfg.model))
-    loss_cfg = LossConfig.from_config(cfg.loss)
+    model = FashionFINE(config_lib.model_config(cfg))
+    loss_cfg = config_lib.loss_config(cfg)
     optimizer = optimizer or optax.adamw(1e-3, weight_decay=0.02)
-    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), loss_cfg.queue_size)
-    step = make_train_step(model, optimizer, loss_cfg, steps_per_epoch)
+    state = create_state(model, optimizer, jax.random.PRNGKey(0),
+                         pretrain.make_queues(loss_cfg, cfg.model.embed_dim))
+    step = pretrain.make_step(model, optimizer, loss_cfg, steps_per_epoch)
     return model, state, step
 
 
@@ -201,12 +204,13 @@ def test_scratch_warmup_uses_online_keys_and_ignores_the_queue(cfg):
 def test_warmup_for_the_whole_run_skips_the_momentum_forward_with_the_same_result(cfg):
     c = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
     c.loss.scratch_warmup_steps = 10
-    model = FashionFINE(ModelConfig.from_config(c.model))
-    loss_cfg = LossConfig.from_config(c.loss)
+    model = FashionFINE(config_lib.model_config(c))
+    loss_cfg = config_lib.loss_config(c)
     optimizer = optax.adamw(1e-3, weight_decay=0.02)
-    state = create_train_state(model, optimizer, jax.random.PRNGKey(0), loss_cfg.queue_size)
-    full = jax.jit(make_train_step(model, optimizer, loss_cfg, 100))
-    short = jax.jit(make_train_step(model, optimizer, loss_cfg, 100, total_steps=10))
+    state = create_state(model, optimizer, jax.random.PRNGKey(0),
+                         pretrain.make_queues(loss_cfg, c.model.embed_dim))
+    full = jax.jit(pretrain.make_step(model, optimizer, loss_cfg, 100))
+    short = jax.jit(pretrain.make_step(model, optimizer, loss_cfg, 100, total_steps=10))
     # The shortcut really leaves out the momentum towers: the compiled step does less work.
     batch = make_batch(c)
     rng = jax.random.PRNGKey(3)

@@ -8,7 +8,8 @@ import pytest
 from fine_jax import config as config_lib
 from fine_jax import vit_pretrain
 from fine_jax.models.fine import FashionFINE, ModelConfig
-from fine_jax.train_step import create_train_state
+from fine_jax.momentum import init_queues
+from fine_jax.stages.common import create_state
 
 
 class BarsSource:
@@ -58,8 +59,9 @@ def tiny_config(steps):
 
 
 def fresh_state(cfg):
-    model = FashionFINE(ModelConfig.from_config(cfg.model))
-    return model, create_train_state(model, optax.adamw(1e-3), jax.random.PRNGKey(0), 32)
+    model = FashionFINE(config_lib.model_config(cfg))
+    return model, create_state(model, optax.adamw(1e-3), jax.random.PRNGKey(0),
+                               lambda r: init_queues(r, 32, model.config.embed_dim))
 
 
 def test_class_table_is_sorted_and_checks_the_label():

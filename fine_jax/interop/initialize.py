@@ -32,16 +32,15 @@ def requested(cfg) -> bool:
     return bool(init and (init.checkpoint or init.bert or init.vit))
 
 
-def _check_same_tree(name: str, ours, theirs) -> None:
+def _check_shapes(name: str, ours, theirs) -> None:
     ours, theirs = traverse_util.flatten_dict(ours), traverse_util.flatten_dict(theirs)
-    problems = [f"{'/'.join(p)}: missing" for p in sorted(set(ours) - set(theirs))]
-    problems += [f"{'/'.join(p)}: not in this model" for p in sorted(set(theirs) - set(ours))]
-    problems += [f"{'/'.join(p)}: checkpoint {tuple(np.shape(theirs[p]))}, config "
-                 f"{tuple(np.shape(ours[p]))}" for p in sorted(set(ours) & set(theirs))
-                 if np.shape(ours[p]) != np.shape(theirs[p])]
-    if problems:
+    problems = [f"{'/'.join(p)}: checkpoint {tuple(np.shape(theirs[p]))}, config "
+                f"{tuple(np.shape(ours[p]))}" for p in sorted(set(ours) & set(theirs))
+                if np.shape(ours[p]) != np.shape(theirs[p])]
+    missing = [f"{'/'.join(p)}: not in the checkpoint" for p in sorted(set(ours) - set(theirs))]
+    if problems or missing:
         raise ConfigError(f"init.checkpoint {name} do not fit the model config:\n  "
-                          + "\n  ".join(problems[:30]))
+                          + "\n  ".join((problems + missing)[:30]))
 
 
 def _check_architecture(cfg, info: dict) -> None:
@@ -53,27 +52,47 @@ def _check_architecture(cfg, info: dict) -> None:
 
 
 def from_checkpoint(cfg, state: dict, log=print) -> dict:
-    """``state`` with params, momentum (and queues) read from ``init.checkpoint``."""
+    """``state`` with params, momentum (and queues) read from ``init.checkpoint``.
+
+    Module by module and queue by queue, by name, as the reference's ``load_state_dict(...,
+    strict=False)`` between stages: what the checkpoint has and this stage's model does not is
+    dropped (stage 1's MLM head in stage 2), what this model has and the checkpoint does not
+    keeps its fresh value and is listed (stage 3's fusion queue from a stage-1 checkpoint; its
+    image-queue pointer, which the reference names differently per stage, starts at 0).
+    A workdir gives its best evaluated step by default (``init.checkpoint_step``).
+    """
     parts = ("params", "momentum", "queues") if cfg.init.queues else ("params", "momentum")
+    step = str(cfg.init.checkpoint_step)
     try:
-        weights, info = read_weights(cfg.init.checkpoint, parts)
+        weights, info = read_weights(cfg.init.checkpoint, parts,
+                                     step=int(step) if step.isdigit() else step, log=log)
     except WeightsNotFound as e:
         raise ConfigError(f"init.checkpoint: {e}") from None
     _check_architecture(cfg, info)
     state = dict(state)
+    kept = []
     for part in parts:
         if part not in weights:
             raise ConfigError(f"init.checkpoint {cfg.init.checkpoint} holds no {part}")
+        ours, theirs = state[part], weights[part]
+        taken = {k: theirs[k] for k in ours if k in theirs}
         if part == "queues":
-            size = weights["queues"]["image"].shape[0]
+            size = next(v.shape[0] for k, v in theirs.items() if np.ndim(v) >= 1)
             if size != cfg.loss.queue_size:
                 raise ConfigError(
                     f"init.checkpoint has queues of {size} entries but loss.queue_size="
                     f"{cfg.loss.queue_size}; set --config.loss.queue_size={size} or start with fresh "
                     "queues: --config.init.queues=False")
-        _check_same_tree(part, state[part], weights[part])
-        state[part] = weights[part]
-    log(f"initialised {', '.join(parts)} from {cfg.init.checkpoint}")
+        elif part == "params" and not taken:
+            raise ConfigError(f"init.checkpoint {cfg.init.checkpoint} holds none of this model's "
+                              "modules")
+        _check_shapes(part, {k: ours[k] for k in taken}, taken)
+        kept += [f"{part}/{k}" for k in ours if k not in theirs]
+        state[part] = {**ours, **taken}
+    log(f"initialised {', '.join(parts)} from {cfg.init.checkpoint}"
+        + (f" (step {info['step']})" if info.get("step") is not None else ""))
+    if kept:
+        log(f"  not in the checkpoint, kept at their initial values: {', '.join(kept)}")
     return state
 
 

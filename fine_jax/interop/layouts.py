@@ -1,14 +1,16 @@
 """The reference checkpoint layouts the converter reads (method_spec §1.1, §1.9, §5.3).
 
-A layout says which parts of the fine_jax stage-1 tree a checkpoint of that kind has, where its
-buffers go, and which of its keys the reference itself throws away. What a layout lacks keeps its
+A layout says which parts of a fine_jax weights tree a checkpoint of that kind has, where its
+buffers go, and which of its keys the reference itself throws away. It converts into the tree of
+its stage's model variant (``Layout.variant``): stage 1's for ``pretrain``, ``fashionsap`` and
+``albef``, stage 2's for ``retrieval`` and stage 3's (with its fusion queue) for ``tgir``. What a layout lacks keeps its
 initial value (reported, not an error); a key the layout should have but the file does not is.
 
 ==========  =========================================================================================
 pretrain    Fashion-FINE stage 1 (``model_pretrain.py``): everything, queues with ``idx_queue``.
 retrieval   Stage 2 (``model_retrieval.py``): no phrase convs, MLM head, replace head or idx queue.
 tgir        Stage 3 (``model_tgir.py``): no MAA, phrase convs, ITM/MLM/replace heads or text queue;
-            its ``fusion_queue`` and ``fusion_queue_ptr`` are kept under ``extras``.
+            an image queue and a fusion queue with a pointer each.
 fashionsap  FashionSAP pre-training: the stage-1 names without the MAA and the phrase convs.
 albef       ALBEF-4M/14M (``text_encoder.bert.*``): as the reference loads it, "bert." is removed
             from every key and ALBEF's own MLM head (``text_encoder.cls.*``) is dropped.
@@ -34,9 +36,9 @@ _QUEUE_PTR = Entry("queue_ptr", ("queues", "ptr"), POINTER)
 _STAGE1_BUFFERS = (_IMAGE_QUEUE, _TEXT_QUEUE, _IDX_QUEUE, _QUEUE_PTR)
 _TGIR_BUFFERS = (
     _IMAGE_QUEUE,
-    Entry("img_queue_ptr", ("queues", "ptr"), POINTER),
-    Entry("fusion_queue", ("extras", "fusion_queue"), QUEUE),
-    Entry("fusion_queue_ptr", ("extras", "fusion_queue_ptr"), POINTER),
+    Entry("img_queue_ptr", ("queues", "image_ptr"), POINTER),
+    Entry("fusion_queue", ("queues", "fusion"), QUEUE),
+    Entry("fusion_queue_ptr", ("queues", "fusion_ptr"), POINTER),
 )
 _HEADS = ("phrase_module", "decoder_layer", "replace_predict_layer")
 
@@ -57,6 +59,8 @@ class Layout:
     strip_bert: bool = False
     # Whether fine_jax can write this layout (the stage layouts of Fashion-FINE itself).
     exportable: bool = True
+    # The fine_jax model variant (stage tree) the layout converts into.
+    variant: str = "pretrain"
 
     def normalise(self, state_dict: Mapping) -> dict:
         if not self.strip_bert:
@@ -70,9 +74,9 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
     Layout("pretrain", "Fashion-FINE stage 1 (pre-training)", _STAGE1_BUFFERS),
     Layout("retrieval", "Fashion-FINE stage 2 (retrieval fine-tuning)",
-           (_IMAGE_QUEUE, _TEXT_QUEUE, _QUEUE_PTR), lacks=_HEADS),
+           (_IMAGE_QUEUE, _TEXT_QUEUE, _QUEUE_PTR), lacks=_HEADS, variant="retrieval"),
     Layout("tgir", "Fashion-FINE stage 3 (text-guided image retrieval)", _TGIR_BUFFERS,
-           lacks=("maa", "itm_head") + _HEADS),
+           lacks=("maa", "itm_head") + _HEADS, variant="tgir"),
     Layout("fashionsap", "FashionSAP pre-training", _STAGE1_BUFFERS,
            lacks=("maa", "phrase_module"), optional=("idx_queue",), exportable=False),
     Layout("albef", "ALBEF-4M/14M", _STAGE1_BUFFERS,

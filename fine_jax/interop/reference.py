@@ -2,10 +2,11 @@
 
 The weights tree is what a converted checkpoint holds::
 
-    {"params":   every online parameter of FashionFINE,
+    {"params":   every online parameter of the layout's model variant (VARIANT_MODULES),
      "momentum": the six EMA modules of MOMENTUM_MODULES,
-     "queues":   {"image": (Q, E), "text": (Q, E), "idx": (Q,), "ptr": ()},
-     "extras":   what a layout has and stage 1 has no place for (stage 3's fusion queue)}
+     "queues":   stage 1: {"image": (Q, E), "text": (Q, E), "idx": (Q,), "ptr": ()}
+                 stage 2: {"image", "text", "ptr"}
+                 stage 3: {"image": (Q, E), "fusion": (Q, E), "image_ptr": (), "fusion_ptr": ()}}
 
 Conversion runs in two steps. :func:`plan_conversion` matches keys, checks every shape against the
 model config and transposes (no copies for float32 inputs, so it is cheap at any size); it reports
@@ -33,10 +34,11 @@ from fine_jax.interop.keymap import (Entry, format_path, get_path, has_path, par
                                      uncovered)
 from fine_jax.interop.layouts import Layout, LayoutError, detect_layout, get_layout
 from fine_jax.interop.posembed import interpolate_pos_embed
-from fine_jax.models.fine import MOMENTUM_MODULES, FashionFINE, ModelConfig, init_params
-from fine_jax.momentum import init_queues
+from fine_jax.models.fine import (MOMENTUM_MODULES, VARIANT_MODULES, FashionFINE, ModelConfig,
+                                  init_params)
+from fine_jax.momentum import init_queues, init_tgir_queues
 
-WEIGHT_PARTS = ("params", "momentum", "queues", "extras")
+WEIGHT_PARTS = ("params", "momentum", "queues")
 
 # HF's MLM head ties ``predictions.bias`` to ``predictions.decoder.bias``: both keys are saved and
 # always hold the same values.
@@ -99,22 +101,25 @@ def abstract_params(model_config: ModelConfig) -> dict:
     return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
 
 
+def abstract_queues(variant: str, queue_size: int, embed_dim: int) -> dict:
+    """The queues of a model variant's train state, as ShapeDtypeStructs."""
+    sds = jax.ShapeDtypeStruct
+    queue, pointer = sds((queue_size, embed_dim), jnp.float32), sds((), jnp.int32)
+    if variant == "tgir":
+        return {"image": queue, "fusion": queue, "image_ptr": pointer, "fusion_ptr": pointer}
+    queues = {"image": queue, "text": queue, "ptr": pointer}
+    if variant == "pretrain":
+        queues["idx"] = sds((queue_size,), jnp.int32)
+    return queues
+
+
 def abstract_weights(params: Mapping, queue_size: int, embed_dim: int, layout: Layout) -> dict:
     """The weights tree a layout converts into, as ShapeDtypeStructs."""
-    sds = jax.ShapeDtypeStruct
-    queue = sds((queue_size, embed_dim), jnp.float32)
-    pointer = sds((), jnp.int32)
-    tree = {
+    return {
         "params": params,
         "momentum": {name: params[name] for name in MOMENTUM_MODULES},
-        "queues": {"image": queue, "text": queue, "idx": sds((queue_size,), jnp.int32),
-                   "ptr": pointer},
-        "extras": {},
+        "queues": abstract_queues(layout.variant, queue_size, embed_dim),
     }
-    for entry in layout.buffers:
-        if entry.path[0] == "extras":
-            tree["extras"][entry.path[1]] = pointer if entry.path[1].endswith("_ptr") else queue
-    return tree
 
 
 def layout_entries(layout: Layout, weights: Mapping) -> list[Entry]:
@@ -207,6 +212,7 @@ def plan_conversion(state_dict: Mapping, model_config: ModelConfig, layout: str 
     """
     layout = get_layout(layout) if layout else detect_layout(state_dict.keys())
     state_dict = layout.normalise(state_dict)
+    model_config = dataclasses.replace(model_config, variant=layout.variant)
     params = params if params is not None else abstract_params(model_config)
     abstract = abstract_weights(params, _queue_size(state_dict, queue_size), model_config.embed_dim,
                                 layout)
@@ -270,11 +276,11 @@ def fill_missing(plan: Plan, model_config: ModelConfig, seed: int = 0) -> dict:
             flat[p] = np.array(flat[("params",) + p[1:]])
     if any(p[0] == "queues" for p in todo):
         q, e = flat_abstract[("queues", "image")].shape
-        fresh = jax.device_get(init_queues(jax.random.fold_in(key, 1), q, e))
+        k = jax.random.fold_in(key, 1)
+        fresh = jax.device_get(init_tgir_queues(k, q, e) if plan.layout.variant == "tgir"
+                               else init_queues(k, q, e))
         flat.update({p: np.asarray(fresh[p[1]]) for p in todo if p[0] == "queues"})
-    tree = traverse_util.unflatten_dict(flat)
-    tree.setdefault("extras", {})
-    return tree
+    return traverse_util.unflatten_dict(flat)
 
 
 def convert_state_dict(state_dict: Mapping, model_config: ModelConfig, layout: str | None = None,
@@ -283,6 +289,7 @@ def convert_state_dict(state_dict: Mapping, model_config: ModelConfig, layout: s
     """A reference state_dict -> (complete fine_jax weights tree, report)."""
     plan = plan_conversion(state_dict, model_config, layout, queue_size)
     check_complete(plan.report, allow_partial)
+    model_config = dataclasses.replace(model_config, variant=plan.layout.variant)
     return fill_missing(plan, model_config, seed), plan.report
 
 
@@ -296,13 +303,19 @@ def export_state_dict(weights: Mapping, layout: str = "pretrain") -> dict[str, n
         raise LayoutError(f"fine_jax does not write the {layout} layout; choose one of "
                           "pretrain, retrieval, tgir")
     weights = {part: weights.get(part, {}) for part in WEIGHT_PARTS}
+    needed = [m for m in VARIANT_MODULES[layout_.variant] if m not in layout_.lacks]
+    absent = [m for m in needed if m not in weights["params"]]
+    if absent:
+        raise ConversionError(
+            f"the checkpoint has no {', '.join(absent)}, which a {layout} state_dict holds (it is "
+            f"a {layout_.variant} model's checkpoint only if it has them); choose another --layout")
     state_dict = {}
     for entry in layout_entries(layout_, weights):
         if not has_path(weights, entry.path):
             raise ConversionError(
                 f"the checkpoint has no {format_path(entry.path)}, which the {layout} layout needs "
-                f"for {entry.key}; it holds what was converted into it (export a stage-3 layout only "
-                "from a checkpoint converted from one), so choose another --layout")
+                f"for {entry.key}: a {layout} state_dict needs a checkpoint of that stage (a stage-3 "
+                "run, or weights converted from a stage-3 file), so choose another --layout")
         # np.asarray(order="C"), unlike np.ascontiguousarray, keeps 0-d arrays (temp) 0-d.
         state_dict[entry.key] = np.asarray(entry.transform.to_reference(
             get_path(weights, entry.path)), order="C")

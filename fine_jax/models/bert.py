@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -95,6 +96,15 @@ class BertLayer(nn.Module):
 
 
 class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout.
+
+    The reference's word embedding is ``nn.Embedding(..., padding_idx=pad_id)``: the [PAD] row
+    never receives a gradient (its value is whatever it was initialised or loaded with). Here the
+    lookups of ``pad_id`` are cut from the gradient, which gives that row exactly zero gradient
+    however the [PAD] states are used later (the unmasked MAA pooling, the phrase convolutions
+    and the replaced-token loss all read them).
+    """
+
     vocab_size: int
     hidden: int
     max_positions: int
@@ -102,6 +112,7 @@ class BertEmbeddings(nn.Module):
     dropout: float
     ln_eps: float
     dtype: Dtype = jnp.float32
+    pad_id: int | None = 0
 
     @nn.compact
     def __call__(self, input_ids, deterministic: bool):
@@ -111,6 +122,8 @@ class BertEmbeddings(nn.Module):
                              f"{self.max_positions}")
         emb = lambda n, name: nn.Embed(n, self.hidden, embedding_init=normal(0.02), name=name)
         x = emb(self.vocab_size, "word_embeddings")(input_ids)
+        if self.pad_id is not None:
+            x = jnp.where((input_ids == self.pad_id)[..., None], jax.lax.stop_gradient(x), x)
         x = x + emb(self.max_positions, "position_embeddings")(jnp.arange(seq_len))[None]
         # Token types are all zero in every stage of the reference.
         x = x + emb(self.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(input_ids))
@@ -131,13 +144,12 @@ class XBert(nn.Module):
     attn_dropout: float = 0.1
     ln_eps: float = 1e-12
     dtype: Dtype = jnp.float32
+    pad_id: int | None = 0
 
     def setup(self):
-        if not 0 <= self.fusion_layer <= self.num_layers:
-            raise ValueError(f"fusion_layer={self.fusion_layer} must lie in [0, {self.num_layers}]")
         self.embeddings = BertEmbeddings(self.vocab_size, self.hidden, self.max_positions,
                                          self.type_vocab_size, self.hidden_dropout, self.ln_eps,
-                                         self.dtype)
+                                         self.dtype, self.pad_id)
         self.layers = [
             BertLayer(self.hidden, self.heads, self.intermediate, self.attn_dropout,
                       self.hidden_dropout, self.ln_eps, cross_attention=i >= self.fusion_layer,

@@ -26,13 +26,30 @@ from fine_jax.models.vit import VisionTransformer
 MOMENTUM_MODULES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj",
                     "combine_text_proj", "combine_vision_proj")
 
+# The modules each stage's model has (method_spec §1.1, §5.3): the stage-2 retrieval model drops
+# the phrase convolutions and the MLM / replace heads, the stage-3 TGIR model also the MAA and the
+# ITM head. The parameter tree of a variant holds exactly these modules (and ``temp``).
+VARIANT_MODULES = {
+    "pretrain": MOMENTUM_MODULES + ("itm_head", "maa", "phrase_module", "decoder_layer",
+                                    "replace_predict_layer"),
+    "retrieval": MOMENTUM_MODULES + ("itm_head", "maa"),
+    "tgir": MOMENTUM_MODULES,
+}
+VARIANTS = tuple(VARIANT_MODULES)
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Every size of the model. ``from_config`` reads the ``model`` block of an ml_collections config."""
+    """Every size and switch of the model, with the reference values as defaults.
 
+    This dataclass is the one source of the ``model`` config block's defaults
+    (``fine_jax.config.base_config`` is built from it) and of its checks (:meth:`validate`).
+    """
+
+    # Which stage's model (VARIANT_MODULES): "pretrain" (stage 1), "retrieval" (stage 2), "tgir".
+    variant: str = "pretrain"
     image_size: int = 256
     patch_size: int = 16
     vision_width: int = 768
@@ -48,6 +65,7 @@ class ModelConfig:
     intermediate_size: int = 3072
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
+    pad_token_id: int = 0  # its word-embedding row gets no gradient (padding_idx)
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     bert_ln_eps: float = 1e-12
@@ -64,24 +82,36 @@ class ModelConfig:
     mask_padding_in_pooling: bool = False
     dtype: str = "float32"
 
-    @classmethod
-    def from_config(cls, cfg) -> "ModelConfig":
-        from fine_jax.config import dataclass_from_block
-
-        return dataclass_from_block(cls, cfg, "model")
-
     def validate(self) -> None:
+        """Raises ValueError naming the ``model.*`` keys of a combination the model cannot build."""
+        if self.variant not in VARIANT_MODULES:
+            raise ValueError(f"model.variant={self.variant!r}: use one of {', '.join(VARIANTS)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"model.image_size={self.image_size} is not a multiple of "
                              f"model.patch_size={self.patch_size}")
-        if self.vision_width % self.vision_heads or self.hidden_size % self.num_heads:
-            raise ValueError("model widths must be divisible by their head counts")
+        for width, heads in (("vision_width", "vision_heads"), ("hidden_size", "num_heads")):
+            w, h = getattr(self, width), getattr(self, heads)
+            if h < 1 or w % h:
+                raise ValueError(f"model.{width}={w} is not divisible by model.{heads}={h}; choose "
+                                 f"a head count that divides the width")
         if self.vision_width != self.hidden_size:
             # The MAA is shared by both modalities and pools at one width (method_spec §2).
-            raise ValueError(f"model.vision_width ({self.vision_width}) must equal model.hidden_size "
-                             f"({self.hidden_size}): the shared adapter pools both at one width")
+            raise ValueError(f"model.vision_width={self.vision_width} must equal model.hidden_size="
+                             f"{self.hidden_size}: the shared adapter pools both at one width")
+        if not 0 <= self.fusion_layer <= self.num_layers:
+            raise ValueError(f"model.fusion_layer={self.fusion_layer} must lie in [0, "
+                             f"model.num_layers={self.num_layers}]")
+        if not (0.0 <= self.img_patch_ratio <= 1.0 and 0.0 <= self.text_patch_ratio <= 1.0):
+            raise ValueError("model.img_patch_ratio and model.text_patch_ratio must lie in [0, 1]")
+        if self.vocab_size < 1:
+            raise ValueError(f"model.vocab_size={self.vocab_size}: set it, or 0 to size it from "
+                             "the dataset's vocab before building the model")
         if self.dtype not in _DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return VARIANT_MODULES[self.variant]
 
     @property
     def compute_dtype(self):
@@ -124,17 +154,23 @@ class FashionFINE(nn.Module):
         self.text_encoder = XBert(c.vocab_size, c.hidden_size, c.num_layers, c.fusion_layer,
                                   c.num_heads, c.intermediate_size, c.max_position_embeddings,
                                   c.type_vocab_size, c.hidden_dropout, c.attention_dropout,
-                                  c.bert_ln_eps, dt)
+                                  c.bert_ln_eps, dt, c.pad_token_id)
         self.vision_proj = torch_dense(c.embed_dim, c.vision_width, dtype=dt)
         self.text_proj = torch_dense(c.embed_dim, c.hidden_size, dtype=dt)
         self.combine_vision_proj = torch_dense(c.embed_dim, c.embed_dim, dtype=dt)
         self.combine_text_proj = torch_dense(c.embed_dim, c.embed_dim, dtype=dt)
-        self.itm_head = torch_dense(2, c.hidden_size, dtype=dt)
-        self.maa = AttentionPool(c.hidden_size, dt)
-        self.phrase_module = PhraseModule(c.hidden_size, dt)
-        self.decoder_layer = PredictionHead(c.hidden_size, c.vocab_size, c.bert_ln_eps, dt)
-        self.replace_predict_layer = PredictionHead(c.hidden_size, c.replace_kind_num,
-                                                    c.bert_ln_eps, dt)
+        has = set(c.modules)
+        if "itm_head" in has:
+            self.itm_head = torch_dense(2, c.hidden_size, dtype=dt)
+        if "maa" in has:
+            self.maa = AttentionPool(c.hidden_size, dt)
+        if "phrase_module" in has:
+            self.phrase_module = PhraseModule(c.hidden_size, dt)
+        if "decoder_layer" in has:
+            self.decoder_layer = PredictionHead(c.hidden_size, c.vocab_size, c.bert_ln_eps, dt)
+        if "replace_predict_layer" in has:
+            self.replace_predict_layer = PredictionHead(c.hidden_size, c.replace_kind_num,
+                                                        c.bert_ln_eps, dt)
         self.temp = self.param("temp", lambda _: jnp.asarray(c.temp_init, jnp.float32))
 
     # --- towers -------------------------------------------------------------------------------
@@ -213,16 +249,45 @@ class FashionFINE(nn.Module):
     def embed_texts(self, input_ids, attention_mask):
         return self.text_features(self.encode_text(input_ids, attention_mask), attention_mask)[1]
 
+    def itm_score(self, images, input_ids, attention_mask):
+        """The ITM match logit of (image, text) pairs, for re-ranking (as ALBEF's evaluation)."""
+        img = self.encode_image(images)
+        fused = self.fuse(self.encode_text(input_ids, attention_mask), attention_mask, img)
+        return self.itm_logits(fused)[:, 1]
+
+    def tgir_query(self, text_states, attention_mask, reference_image_states,
+                   deterministic: bool = True):
+        """Stage-3 query f = norm(Pt(fusion(text, reference image)[:, 0])) (method_spec §5.3)."""
+        fused = self.fuse(text_states, attention_mask, reference_image_states, deterministic)
+        return l2_normalize(self.project_text(fused[:, 0]))
+
+    def embed_tgir_queries(self, images, input_ids, attention_mask):
+        """Reference images + modification texts -> the TGIR query features f."""
+        return self.tgir_query(self.encode_text(input_ids, attention_mask), attention_mask,
+                               self.encode_image(images))
+
+    def embed_gallery(self, images):
+        """TGIR gallery features: the global CLS feature, no MAA (method_spec §5.3)."""
+        return self.image_global(self.encode_image(images))
+
     def __call__(self, images, input_ids, attention_mask, deterministic: bool = True):
-        """Touches every parameter once; used for initialisation."""
+        """Touches every parameter of the variant once; used for initialisation."""
+        has = set(self.config.modules)
         img = self.encode_image(images, deterministic)
         txt = self.encode_text(input_ids, attention_mask, deterministic)
-        _, z_v, _ = self.image_features(img)
-        _, z_t, _ = self.text_features(txt, attention_mask)
-        sym = self.symbol_feature(txt, attention_mask)
         fused = self.fuse(txt, attention_mask, img, deterministic)
-        return dict(z_v=z_v, z_t=z_t, sym=sym, itm=self.itm_logits(fused),
-                    mlm=self.mlm_logits(fused), rtp=self.rtp_logits(fused), temp=self.get_temp())
+        out = dict(g_v=self.image_global(img), g_t=self.text_global(txt), temp=self.get_temp())
+        if "maa" in has:
+            out.update(z_v=self.image_features(img)[1], z_t=self.text_features(txt, attention_mask)[1])
+        if "itm_head" in has:
+            out["itm"] = self.itm_logits(fused)
+        if "phrase_module" in has:
+            out["sym"] = self.symbol_feature(txt, attention_mask)
+        if "decoder_layer" in has:
+            out["mlm"] = self.mlm_logits(fused)
+        if "replace_predict_layer" in has:
+            out["rtp"] = self.rtp_logits(fused)
+        return out
 
 
 def init_params(model: FashionFINE, rng: jax.Array, batch_size: int = 1, text_len: int = 8):

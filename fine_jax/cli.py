@@ -1,0 +1,73 @@
+"""Command-line plumbing shared by the entry points: flags, and known errors as one line.
+
+An error the user can fix (a config that cannot run, missing or malformed data, a checkpoint
+that is not there) ends the command with exit status 2 and one line, ``config error: ...`` or
+``error: ...``, never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def known_errors() -> dict:
+    """{exception class: message prefix} of the errors that end a command with one line."""
+    from fine_jax import config as config_lib
+    from fine_jax import datasets
+    from fine_jax.checkpoint import WeightsNotFound
+    from fine_jax.data import fashioniq, pipeline
+
+    return {config_lib.ConfigError: "config error", datasets.DatasetMissing: "error",
+            fashioniq.FashionIQError: "error", pipeline.DataCorrupted: "error",
+            WeightsNotFound: "error"}
+
+
+def run_main(fn: Callable[[], object]) -> None:
+    """Runs ``fn`` with orbax's INFO logging off; a known error is one line on stderr, exit 2."""
+    from absl import logging as absl_logging
+
+    # orbax logs every checkpoint phase at INFO; keep the console to the progress lines.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    errors = known_errors()
+    try:
+        fn()
+    except tuple(errors) as e:
+        prefix = next(p for cls, p in errors.items() if isinstance(e, cls))
+        print(f"{prefix}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def define_config_flag() -> None:
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "An ml_collections config file; configs/FILE.py:SIZE picks a named model "
+        "size (base, tiny, demo).", lock_config=False)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with an override of a key the config does not have (a typo such as
+    ``--config.train.log_evry=5``) reported as one ``config error:`` line instead of a traceback."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        name = str(e).strip("\"'")
+        culprit = next((a.split("=")[0] for a in bad if a.split("=")[0].endswith("." + name)),
+                       None) or ", ".join(a.split("=")[0] for a in bad)
+        print(f"config error: unknown config key {culprit!r}; see fine_jax/config.py for the "
+              "keys each block has", file=sys.stderr)
+        sys.exit(2)
+    except flags.Error as e:
+        print(f"error: {e}\nPass --helpshort to see the flags.", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(entry: Callable[[], object]) -> None:
+    """``absl.app.run`` of ``entry`` (which reads the flags) with :func:`parse_flags` and
+    :func:`run_main`."""
+    from absl import app
+
+    app.run(lambda argv: run_main(entry), flags_parser=parse_flags)

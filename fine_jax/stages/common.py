@@ -1,0 +1,101 @@
+"""What the three stages' training steps share: the train state, the temperature clamp, model
+calls, the contrastive logits against [batch; queue], and ITM with in-batch hard negatives.
+
+A train state is a plain dict pytree:
+
+* ``step``      int32 scalar, optimiser updates done so far
+* ``params``    online parameters (the modules of the stage's model variant)
+* ``momentum``  EMA copies of the six modules of ``MOMENTUM_MODULES`` (method_spec §1.6)
+* ``opt_state`` AdamW state
+* ``queues``    the stage's feature queues and pointers (method_spec §1.7)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fine_jax import objectives as obj
+from fine_jax.models.fine import FashionFINE, init_params, momentum_subset
+
+# Added to the logits of queue columns that are switched off (not -inf: 0 * -inf is NaN).
+QUEUE_MASK = -1e4
+
+
+def create_state(model: FashionFINE, optimizer: optax.GradientTransformation, rng: jax.Array,
+                 init_queues) -> dict:
+    """Fresh state: random online params, momentum = copy of the six online modules, and the
+    queues ``init_queues(rng)`` returns."""
+    k_params, k_queue = jax.random.split(rng)
+    params = init_params(model, k_params)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "momentum": jax.tree_util.tree_map(jnp.copy, momentum_subset(params)),
+        "opt_state": optimizer.init(params),
+        "queues": init_queues(k_queue),
+    }
+
+
+def clamp_temperature(params: dict, lo: float, hi: float) -> dict:
+    """The reference clamps tau in place at the start of every forward (method_spec §1.8)."""
+    out = dict(params)
+    out["temp"] = jnp.clip(params["temp"], lo, hi)
+    return out
+
+
+def make_apply(model: FashionFINE):
+    """``apply(params, method, *args, rng=None, **kw)``: dropout runs only when ``rng`` is given."""
+
+    def apply(p, method, *args, rng=None, **kwargs):
+        rngs = {"dropout": rng} if rng is not None else None
+        return model.apply({"params": p}, *args, method=method, rngs=rngs, **kwargs)
+
+    return apply
+
+
+def f32(x):
+    return x.astype(jnp.float32)
+
+
+def sims_against_bank(query: jax.Array, local_keys: jax.Array, queue: jax.Array, temp):
+    """(B, E) queries against [local keys (B'); queue (Q)] -> (B, B' + Q) fp32 logits / tau.
+
+    The keys are concatenated as the reference does; the queue is stored fp32, the features may
+    be in the compute dtype.
+    """
+    keys = jnp.concatenate([f32(local_keys), f32(queue)], axis=0)
+    return f32(query) @ keys.T / temp
+
+
+def itm_loss_with_hard_negatives(apply, params, txt, mask, img, sim_i2t_b, sim_t2i_b, rng,
+                                 exclude=None, neg_image=None, neg_text=None, fuse_rng=None):
+    """ITM over 3B pairs with one hard negative image per text and one hard negative text per
+    image, drawn from the local batch (method_spec §3.2).
+
+    ``sim_i2t_b`` / ``sim_t2i_b`` are the first B columns of the online similarity matrices.
+    ``neg_image`` / ``neg_text`` (B,) replace the draw when given (to compare with the reference
+    number for number). Pair order: (text_b, image_b) x B, (text_b, neg image) x B,
+    (neg text, image_b) x B; labels 1 for the first B, 0 for the rest.
+
+    Returns (loss, fused states of the positive pairs (B, L, D), (neg_image, neg_text)).
+    """
+    b = txt.shape[0]
+    if neg_image is None or neg_text is None:
+        drawn_img, drawn_txt = obj.sample_hard_negatives(rng, sim_i2t_b, sim_t2i_b, exclude)
+        neg_image = drawn_img if neg_image is None else neg_image
+        neg_text = drawn_txt if neg_text is None else neg_text
+    txt_all = jnp.concatenate([txt, txt, txt[neg_text]], axis=0)
+    mask_all = jnp.concatenate([mask, mask, mask[neg_text]], axis=0)
+    img_all = jnp.concatenate([img, img[neg_image], img], axis=0)
+    fused = apply(params, FashionFINE.fuse, txt_all, mask_all, img_all,
+                  deterministic=fuse_rng is None, rng=fuse_rng)
+    loss = obj.itm_loss(apply(params, FashionFINE.itm_logits, fused), b)
+    return loss, fused[:b], (neg_image, neg_text)
+
+
+def step_metrics(metrics: dict, params, alpha, grads, schedule, step) -> dict:
+    out = dict(metrics, temp=params["temp"], alpha=alpha, grad_norm=optax.tree.norm(grads))
+    if schedule is not None:
+        out["lr"] = schedule(step)
+    return out

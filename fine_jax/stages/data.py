@@ -1,0 +1,85 @@
+"""What each stage trains on: the training items, their transform and the grain stream.
+
+``training_data(cfg)`` resolves the stage's dataset (only what training needs) and returns a
+:class:`TrainingData`: the number of items per epoch, the vocab size, a one-line description and
+``stream(seed, process_index, process_count)`` building the host-local batch stream.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from fine_jax import datasets
+from fine_jax.data import pipeline
+
+
+@dataclasses.dataclass
+class TrainingData:
+    num_items: int  # items per epoch: image rows (stage 1), products (stage 2), triplets (stage 3)
+    vocab_size: int
+    description: str
+    stream: Callable[..., Any]  # (seed, process_index, process_count) -> grain.IterDataset
+    vit_source: Any = None  # FashionGen training rows, for the stage-1 ViT warm-start
+
+
+def _stream_kwargs(cfg) -> dict:
+    d = cfg.data
+    return dict(num_threads=d.num_threads, prefetch=d.prefetch, num_workers=d.num_workers)
+
+
+def _augment(cfg) -> pipeline.ImageAugment:
+    d = cfg.data
+    return pipeline.ImageAugment(cfg.model.image_size, tuple(d.crop_scale), d.hflip, d.randaug_n,
+                                 d.randaug_m)
+
+
+def pretrain_data(cfg) -> TrainingData:
+    data = datasets.resolve(cfg, splits=("train",))
+    d = cfg.data
+    transform = pipeline.Stage1Transform(
+        tokenizer=data.tokenizer, category_symbols=data.category_symbols, lexicon=data.lexicon,
+        image_size=cfg.model.image_size, max_len=d.max_len, crop_scale=tuple(d.crop_scale),
+        hflip=d.hflip, randaug_n=d.randaug_n, randaug_m=d.randaug_m,
+        fix_mlm_labels=d.fix_mlm_labels, symbol=d.stage1_symbol, attributes=d.stage1_attributes)
+    bg = cfg.train.global_batch_size
+
+    def stream(seed, process_index=0, process_count=1):
+        return pipeline.train_dataset(data.train, transform, bg, seed=seed, num_epochs=None,
+                                      process_index=process_index, process_count=process_count,
+                                      **_stream_kwargs(cfg))
+
+    return TrainingData(len(data.train), data.tokenizer.vocab_size,
+                        f"train rows {len(data.train)} ({data.train.num_products} products)",
+                        stream, vit_source=data.train)
+
+
+def retrieval_data(cfg) -> TrainingData:
+    data = datasets.resolve(cfg, splits=("train",), lexicon=False)
+    transform = pipeline.Stage2Transform(data.train, data.tokenizer,
+                                         _augment(cfg), cfg.data.max_len)
+    bg = cfg.train.global_batch_size
+
+    def stream(seed, process_index=0, process_count=1):
+        return pipeline.stage2_dataset(transform, bg, seed=seed, num_epochs=None,
+                                       process_index=process_index, process_count=process_count,
+                                       **_stream_kwargs(cfg))
+
+    n = data.train.num_products
+    return TrainingData(n, data.tokenizer.vocab_size,
+                        f"train products {n} ({len(data.train)} images, one drawn per epoch)",
+                        stream)
+
+
+def tgir_data(cfg) -> TrainingData:
+    data = datasets.resolve_fashioniq(cfg)
+    triplets = data.fiq.train_set()
+    transform = pipeline.TGIRTransform(data.tokenizer, _augment(cfg), cfg.data.max_len)
+    bg = cfg.train.global_batch_size
+
+    def stream(seed, process_index=0, process_count=1):
+        return pipeline.tgir_dataset(triplets, transform, bg, seed=seed, num_epochs=None,
+                                     process_index=process_index, process_count=process_count,
+                                     **_stream_kwargs(cfg))
+
+    return TrainingData(len(triplets), data.tokenizer.vocab_size,
+                        f"train triplets {len(triplets)} (FashionIQ, 3 categories merged)", stream)
