@@ -19,6 +19,7 @@ setup(
         "transformers>=4.45",
         "h5py>=3.10",
         "pillow>=10",
+        "opencv-python-headless>=4.8,<5",
         "numpy>=1.26",
         "tensorboardX>=2.6",
         "absl-py>=2.1",

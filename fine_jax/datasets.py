@@ -199,10 +199,14 @@ def resolve_fashioniq(cfg) -> ResolvedFashionIQ:
     if d.source == "synthetic":
         from fine_jax.data import synthetic
 
+        # Beside the FashionGen set (not inside it), with its vocab, so that a stage-1 demo model
+        # keeps its word ids in stage 3.
+        fashiongen = _resolve_synthetic(cfg, splits=())
+        base = pathlib.Path(d.data_dir).expanduser()
         root = synthetic.ensure_tgir_dataset(
-            pathlib.Path(d.data_dir).expanduser() / "tgir", seed=d.synthetic_seed,
+            base.with_name(base.name + "_tgir"), seed=d.synthetic_seed,
             num_train=d.synthetic_tgir_train, num_validation=d.synthetic_tgir_eval,
-            image_size=d.synthetic_image_size)
+            image_size=d.synthetic_image_size, base_vocab=fashiongen.root / synthetic.VOCAB_FILE)
         vocab = root / "vocab.txt"
     else:
         root = pathlib.Path(d.data_dir).expanduser()

@@ -2,6 +2,7 @@
 import functools
 import pickle
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
@@ -159,6 +160,8 @@ def test_half_pixel_translate_interpolates_and_blends_fill():
     img = _textured(8, 10)
     out = I.translate_x(img, 0.5)
     p = img.astype(np.int32)
+    # The mean of the two neighbours rounded half up, the fill taking part at the edge: OpenCV 4's
+    # fixed-point bilinear weights (the reference's; OpenCV 5 rounds differently, hence the pin).
     np.testing.assert_array_equal(out[:, :-1], (p[:, :-1] + p[:, 1:] + 1) // 2)
     np.testing.assert_array_equal(out[:, -1], (p[:, -1] + 128 + 1) // 2)
 
@@ -337,27 +340,63 @@ def test_signed_ops_use_both_signs():
 
 
 # ------------------------------------------------------------------------------------------------
-# OpenCV parity (runs only where opencv is importable; it is not a dependency)
+# OpenCV: the reference's own calls
 # ------------------------------------------------------------------------------------------------
-def test_warp_and_filter_match_opencv():
-    cv2 = pytest.importorskip("cv2")
+def _reference_warp(img, m):
+    h, w = img.shape[:2]
+    return cv2.warpAffine(img, m, (w, h), borderValue=(128, 128, 128), flags=cv2.INTER_LINEAR)
+
+
+def test_geometric_ops_are_the_reference_opencv_calls():
     rng = np.random.default_rng(0)
     for h, w in ((33, 47), (64, 64)):
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        fill = (128, 128, 128)
-
-        def warp(m):
-            return cv2.warpAffine(img, m, (w, h), borderValue=fill, flags=cv2.INTER_LINEAR)
-
         for f in (0.21, -0.21):
-            np.testing.assert_array_equal(I.shear_x(img, f), warp(np.float32([[1, f, 0], [0, 1, 0]])))
-            np.testing.assert_array_equal(I.shear_y(img, f), warp(np.float32([[1, 0, 0], [f, 1, 0]])))
+            np.testing.assert_array_equal(I.shear_x(img, f), _reference_warp(img, np.float32([[1, f, 0], [0, 1, 0]])))
+            np.testing.assert_array_equal(I.shear_y(img, f), _reference_warp(img, np.float32([[1, 0, 0], [f, 1, 0]])))
         for t in (7.0, -7.0, 2.3):
-            np.testing.assert_array_equal(I.translate_x(img, t), warp(np.float32([[1, 0, -t], [0, 1, 0]])))
+            np.testing.assert_array_equal(I.translate_x(img, t),
+                                          _reference_warp(img, np.float32([[1, 0, -t], [0, 1, 0]])))
+            np.testing.assert_array_equal(I.translate_y(img, t),
+                                          _reference_warp(img, np.float32([[1, 0, 0], [0, 1, -t]])))
         for deg in (21.0, -21.0, 90.0):
             m = cv2.getRotationMatrix2D((w / 2, h / 2), deg, 1)
-            np.testing.assert_array_equal(I.rotate(img, deg), warp(m))
-        k = np.ones((3, 3), np.float32)
-        k[1, 1] = 5
-        k /= 13
-        np.testing.assert_array_equal(I.sharpness(img, 0.0), cv2.filter2D(img, -1, k))
+            np.testing.assert_array_equal(I.rotate(img, deg), _reference_warp(img, m))
+
+
+def _reference_sharpness(img, factor):
+    """ALBEF ``sharpness_func`` as written (cv2.filter2D, float32 blend, ``astype(np.uint8)``)."""
+    kernel = np.ones((3, 3), dtype=np.float32)
+    kernel[1][1] = 5
+    kernel /= 13
+    degenerate = cv2.filter2D(img, -1, kernel)
+    if factor == 0.0:
+        return degenerate
+    if factor == 1.0:
+        return img
+    out = img.astype(np.float32)
+    degenerate = degenerate.astype(np.float32)[1:-1, 1:-1, :]
+    out[1:-1, 1:-1, :] = degenerate + factor * (out[1:-1, 1:-1, :] - degenerate)
+    # the reference's bare astype(np.uint8), with the x86 truncate-and-wrap spelled out
+    return out.astype(np.int32).astype(np.uint8)
+
+
+def test_sharpness_is_the_reference_opencv_call():
+    rng = np.random.default_rng(1)
+    for h, w in ((33, 47), (64, 64), (3, 5)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for f in (0.0, 0.55, 1.0, 1.36):
+            np.testing.assert_array_equal(I.sharpness(img, f), _reference_sharpness(img, f))
+
+
+def test_opencv_ops_accept_views_and_other_channel_counts():
+    img = _textured(20, 24)
+    ro = np.asarray(Image.fromarray(img))  # read-only, as PIL-backed arrays are
+    flipped = img[:, ::-1]  # negative stride
+    for op in (functools.partial(I.rotate, degrees=21.0), functools.partial(I.shear_x, factor=0.21),
+               functools.partial(I.sharpness, factor=1.36)):
+        np.testing.assert_array_equal(op(ro), op(img))
+        np.testing.assert_array_equal(op(flipped), op(np.ascontiguousarray(flipped)))
+        grey = op(img[..., :1])
+        assert grey.shape == (20, 24, 1)
+        np.testing.assert_array_equal(grey[..., 0], op(np.repeat(img[..., :1], 3, axis=2))[..., 0])

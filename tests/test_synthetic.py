@@ -269,11 +269,13 @@ def test_every_detail_is_visible_in_every_view():
 
 
 def test_items_stay_inside_the_image():
+    from fine_jax.data.synthetic import rendering
+
     for sub in S.SUBCATEGORIES:
         _, _, zoom = S.geometry(sub)["frame"]
-        assert zoom <= S._MAX_ZOOM
+        assert zoom <= rendering._MAX_ZOOM
     # largest side <= 0.8 of the image; view scale <= 1.02 and shift <= 0.04 keep it inside
-    assert S._FRAME_FILL / 2 * 1.02 + 0.04 < 0.5
+    assert rendering._FRAME_FILL / 2 * 1.02 + 0.04 < 0.5
 
 
 def test_captions_name_every_visual_attribute(default_products):
@@ -382,6 +384,48 @@ def test_ensure_dataset_reuses_and_replaces(tmp_path, capsys):
     with pytest.raises(ValueError, match="refusing"):
         S.ensure_dataset(other, seed=1, **small)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _corrupt_manifest(path):
+    path.write_text('{"generator": "fine_jax.data.synth')
+
+
+def _drop_twins(path):
+    path.write_text("[]\n")
+
+
+@pytest.mark.parametrize("damage", [(S.TRAIN_FILE, _truncate), (S.VALIDATION_FILE, os.remove),
+                                    (S.MANIFEST_FILE, _corrupt_manifest), (S.TWINS_FILE.format(split="train"),
+                                                                           _drop_twins)])
+def test_ensure_dataset_regenerates_a_damaged_cache(tmp_path, capsys, damage):
+    small = dict(num_train=4, num_validation=2, views=1, image_size=16)
+    root = S.ensure_dataset(tmp_path / "ds", seed=1, **small)
+    good = {p.name: p.read_bytes() for p in root.iterdir()}
+    capsys.readouterr()
+    name, damage_fn = damage
+    damage_fn(root / name)
+    assert S.ensure_dataset(tmp_path / "ds", seed=1, **small) == root
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "damaged" in out and "regenerating" in out and name in out, out
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # replaced in place, nothing left over
+    assert S.ensure_dataset(tmp_path / "ds", seed=1, **small) == root
+    assert capsys.readouterr().out == ""
+
+
+def test_ensure_dataset_keeps_refusing_foreign_folders_with_a_broken_manifest(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / S.MANIFEST_FILE).write_text("not json")
+    (root / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing"):
+        S.ensure_dataset(root, seed=1, num_train=4, num_validation=2, views=1, image_size=16)
+    assert (root / "notes.txt").read_text() == "keep me"
 
 
 def test_concurrent_ensure_dataset_one_wins(tmp_path):

@@ -18,16 +18,17 @@ Test transform: Resize((size, size), bicubic) -> ToTensor -> Normalize.
 
 Fidelity to the reference ops (ALBEF implements them with numpy + OpenCV):
 
-* AutoContrast, Equalize, Brightness and Sharpness are re-implemented with the same arithmetic
-  (numpy, with PIL's ``histogram``/``point`` as fast C loops for histograms and table lookups), so
-  they give the reference's pixels exactly (Sharpness's cv2.filter2D is reproduced with exact
-  integer rounding; see ``sharpness``).
-* ShearX/ShearY/TranslateX/TranslateY/Rotate use ``cv2.warpAffine`` (INTER_LINEAR, constant border)
-  in the reference. ``warp_affine`` below re-implements its fixed-point scheme (coordinates rounded to
-  1/32 px via a 1/1024 intermediate, integer bilinear weights, ``(sum + 2**14) >> 15`` rounding, the
-  border value blended into edge pixels) and matches OpenCV 4.10's output bit for bit. PIL's
-  ``Image.transform`` is *not* equivalent (half-pixel offset convention, float weights, no blending
-  with the fill at the edges), which is why it is not used here.
+* AutoContrast, Equalize and Brightness are re-implemented with the same arithmetic (numpy, with
+  PIL's ``histogram``/``point`` as fast C loops for histograms and table lookups), so they give the
+  reference's pixels exactly.
+* Sharpness (``cv2.filter2D``) and ShearX/ShearY/TranslateX/TranslateY/Rotate (``cv2.warpAffine``,
+  INTER_LINEAR, constant border, ``cv2.getRotationMatrix2D``) call OpenCV with the reference's
+  arguments. Their pixels are OpenCV's: the filter is the same in every version, but OpenCV 5
+  changed INTER_LINEAR warping from 4.x's 1/32-px fixed-point weights to floating point, so on
+  non-integer shifts (shear, rotation, fractional translation) OpenCV 5 and the reference's 4.x
+  differ by a few levels; integer translations and quarter turns agree. PIL's
+  ``Image.transform`` is not equivalent (half-pixel offset convention, no blending with the fill
+  at the edges), which is why it is not used here.
 * RandomResizedCrop and Resize are PIL bicubic resizes, which is what torchvision runs on PIL images;
   normalize performs torchvision's float32 operations, so its output has the same bits.
 * The reference has two numeric quirks that change pixels; both are reproduced when
@@ -48,8 +49,14 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import cv2
 import numpy as np
 from PIL import Image
+
+# OpenCV would otherwise run each call on a thread pool as wide as the machine, in every process.
+# The ops work on one small image at a time inside grain workers (processes or threads) that
+# already occupy the cores, so that pool would only oversubscribe the CPU.
+cv2.setNumThreads(0)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -323,41 +330,39 @@ def _x86_float_to_uint8(x: np.ndarray) -> np.ndarray:
     return x.astype(np.int32).astype(np.uint8)
 
 
+def _cv2_input(img: np.ndarray) -> np.ndarray:
+    # OpenCV rejects arrays with negative or non-unit pixel strides (e.g. a flipped view).
+    return np.ascontiguousarray(img)
+
+
+def _cv2_output(out: np.ndarray, like: np.ndarray) -> np.ndarray:
+    # OpenCV returns single-channel images as 2-D arrays; keep the HWC contract.
+    return out.reshape(like.shape)
+
+
+_SMOOTH_KERNEL = np.ones((3, 3), dtype=np.float32)
+_SMOOTH_KERNEL[1, 1] = 5
+_SMOOTH_KERNEL /= 13
+
+
 def sharpness(img: np.ndarray, factor: float, albef_quirks: bool = True) -> np.ndarray:
     """ALBEF ``sharpness_func``.
 
-    degenerate = cv2.filter2D(img, kernel [[1,1,1],[1,5,1],[1,1,1]] / 13) rounded to uint8; for
-    factor not in {0, 1} only the interior (1-px border left untouched) becomes
-    ``degenerate + factor * (img - degenerate)`` in float32, then cast to uint8 (see the module
-    docstring for the quirk). factor == 0 returns the filtered image (reflect-101 borders), 1 the input.
-
-    The 3x3 sum n is an integer and n / 13 is never exactly x.5, so ``round(n / 13)`` computed as
-    ``(2n + 13) // 26`` equals OpenCV's float32 filter followed by round-to-nearest.
+    degenerate = cv2.filter2D(img, kernel [[1,1,1],[1,5,1],[1,1,1]] / 13) (reflect-101 borders,
+    rounded to uint8); for factor not in {0, 1} only the interior (1-px border left untouched)
+    becomes ``degenerate + factor * (img - degenerate)`` in float32, then cast to uint8 (see the
+    module docstring for the quirk). factor == 0 returns the filtered image, 1 the input.
     """
     _check_hwc(img)
     if factor == 1.0:
         return img
     h, w = img.shape[:2]
+    if factor != 0.0 and (h < 3 or w < 3):
+        return img  # no interior: the reference's blend touches no pixel
+    degenerate = _cv2_output(cv2.filter2D(_cv2_input(img), -1, _SMOOTH_KERNEL), img)
     if factor == 0.0:
-        src = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="reflect").astype(np.uint16)
-    elif h < 3 or w < 3:
-        return img
-    else:
-        src = img.astype(np.uint16)
-    # 3x3 box sum (separable), plus 4 x centre for the centre weight 5; max 13 * 255 fits uint16.
-    rows = src[:, :-2] + src[:, 1:-1]
-    rows += src[:, 2:]
-    acc = rows[:-2] + rows[1:-1]
-    acc += rows[2:]
-    centre = src[1:-1, 1:-1]
-    for _ in range(4):
-        acc += centre
-    acc *= np.uint16(2)
-    acc += np.uint16(13)
-    acc //= np.uint16(26)
-    if factor == 0.0:
-        return acc.astype(np.uint8)
-    degf = acc.astype(np.float32)
+        return degenerate
+    degf = degenerate[1:-1, 1:-1].astype(np.float32)
     # Same float32 operations as the reference's degenerate + factor * (img - degenerate).
     blended = img[1:-1, 1:-1].astype(np.float32)
     blended -= degf
@@ -373,207 +378,45 @@ def sharpness(img: np.ndarray, factor: float, albef_quirks: bool = True) -> np.n
 
 
 # --------------------------------------------------------------------------------------------------
-# cv2.warpAffine (INTER_LINEAR, BORDER_CONSTANT) in numpy
+# Geometric ops: cv2.warpAffine (INTER_LINEAR, constant border), as the reference calls them
 # --------------------------------------------------------------------------------------------------
-_INTER_BITS = 5  # cv2 INTER_BITS: sub-pixel positions are quantised to 1/32 px
-_AB_BITS = 10  # cv2 AB_BITS = max(10, INTER_BITS)
-_AB_SCALE = 1 << _AB_BITS
-_ROUND_DELTA = _AB_SCALE // (1 << _INTER_BITS) // 2
-_LANE_MASK = np.uint64(0x0000FFFF0000FFFF)
-_BYTE_MASK = np.uint64(0x000000FF000000FF)
-
-
-def _invert_affine(m: np.ndarray) -> np.ndarray:
-    """cv2's in-place inversion inside warpAffine (double precision, same operation order)."""
-    m0, m1, m2, m3, m4, m5 = (float(v) for v in m.reshape(-1))
-    d = m0 * m4 - m1 * m3
-    d = 1.0 / d if d != 0 else 0.0
-    a11, a22 = m4 * d, m0 * d
-    a12, a21 = m1 * -d, m3 * -d
-    b1 = -a11 * m2 - a12 * m5
-    b2 = -a21 * m2 - a22 * m5
-    return np.array([[a11, a12, b1], [a21, a22, b2]], dtype=np.float64)
-
-
-def _integer_shift(img: np.ndarray, dx: int, dy: int, fill: Sequence[int]) -> np.ndarray:
-    """out[y, x] = img[y - dy, x - dx], fill outside."""
-    h, w, c = img.shape
-    out = np.empty((h, w, c), dtype=np.uint8)
-    out.reshape(h, w * c)[...] = np.tile(np.asarray(fill, dtype=np.uint8)[:c], w)
-    ys, yd = max(0, -dy), max(0, dy)
-    xs, xd = max(0, -dx), max(0, dx)
-    nh, nw = h - abs(dy), w - abs(dx)
-    if nh > 0 and nw > 0:
-        out[yd:yd + nh, xd:xd + nw] = img[ys:ys + nh, xs:xs + nw]
-    return out
-
-
-def _pixels_as_u32(img: np.ndarray) -> np.ndarray:
-    """(h, w, c<=4) uint8 -> (h, w) uint32 with the channels in the low bytes (little-endian)."""
-    h, w, c = img.shape
-    if c == 3:
-        # PIL stores RGB as RGBX internally, so this is a C copy instead of a strided numpy one.
-        raw = Image.fromarray(np.ascontiguousarray(img), "RGB").tobytes("raw", "RGBX")
-        return np.frombuffer(raw, dtype="<u4").reshape(h, w)
-    px = np.zeros((h, w, 4), dtype=np.uint8)
-    px[..., :c] = img
-    return px.view("<u4").reshape(h, w)
-
-
-def _u32_as_pixels(words: np.ndarray, c: int) -> np.ndarray:
-    """Inverse of ``_pixels_as_u32``."""
-    h, w = words.shape
-    words = np.ascontiguousarray(words, dtype="<u4")
-    if c == 3:
-        return np.asarray(Image.frombytes("RGB", (w, h), words, "raw", "RGBX"))
-    return np.ascontiguousarray(words.view(np.uint8).reshape(h, w, 4)[..., :c])
-
-
-def warp_affine(img: np.ndarray, matrix: np.ndarray, fill: Sequence[int] = FILL) -> np.ndarray:
-    """``cv2.warpAffine(img, matrix, (W, H), flags=INTER_LINEAR, borderValue=fill)`` for uint8 HWC.
-
-    ``matrix`` (2x3) maps source to destination pixel coordinates (pixel centres at integers), as in
-    OpenCV without WARP_INVERSE_MAP. Fixed-point scheme as in OpenCV: per-column and per-row terms are
-    rounded separately to 1/1024 px, summed, reduced to 1/32 px; weights are products of the 1/32 px
-    fractions; pixels outside the source read as ``fill``.
-
-    Up to 4 channels. The bilinear sums run in 16-bit lanes of uint64 words (first pass, <= 8160 per
-    lane) and then in 32-bit lanes (second pass, <= 261632), so no lane overflows.
-    """
+def _warp(img: np.ndarray, matrix: np.ndarray, fill: Sequence[int]) -> np.ndarray:
     _check_hwc(img)
-    h, w, c = img.shape
-    if c > 4:
-        raise ValueError("warp_affine supports at most 4 channels")
-    inv = _invert_affine(np.asarray(matrix, dtype=np.float64))
-    xs = np.arange(w, dtype=np.float64)
-    ys = np.arange(h, dtype=np.float64)
-    adelta = np.rint(inv[0, 0] * xs * _AB_SCALE).astype(np.int64)
-    bdelta = np.rint(inv[1, 0] * xs * _AB_SCALE).astype(np.int64)
-    x0 = np.rint((inv[0, 1] * ys + inv[0, 2]) * _AB_SCALE).astype(np.int64) + _ROUND_DELTA
-    y0 = np.rint((inv[1, 1] * ys + inv[1, 2]) * _AB_SCALE).astype(np.int64) + _ROUND_DELTA
-
-    sh = _AB_BITS - _INTER_BITS
-    frac_mask = (1 << _INTER_BITS) - 1
-    # Identity linear part: X = (x0 >> sh) + 32 x exactly, so when the constant part has no 1/32 px
-    # fraction (e.g. TranslateX/Y at integer offsets) every bilinear weight is (1, 0, 0, 0) and the
-    # result is an exact shifted copy; skip the gather.
-    if (np.array_equal(adelta, np.arange(w, dtype=np.int64) * _AB_SCALE) and not bdelta.any()
-            and np.all(x0 == x0[0]) and np.array_equal(y0 - y0[0], np.arange(h, dtype=np.int64) * _AB_SCALE)):
-        gx, gy = int(x0[0]) >> sh, int(y0[0]) >> sh
-        if gx & frac_mask == 0 and gy & frac_mask == 0:
-            return _integer_shift(img, -(gx >> _INTER_BITS), -(gy >> _INTER_BITS), fill)
-
-    X = np.add.outer(x0, adelta)  # (h, w) source x in 1/1024 px
-    X >>= sh  # -> 1/32 px
-    Y = np.add.outer(y0, bdelta)
-    Y >>= sh
-    sx = X >> _INTER_BITS
-    sy = Y >> _INTER_BITS
-    X &= frac_mask  # now the x fraction in [0, 32)
-    Y &= frac_mask
-    fx = X.reshape(-1).view(np.uint64)  # non-negative, so the int64 bits are the uint64 value
-    fy = Y.reshape(-1).view(np.uint64)
-
-    # Source padded by two fill pixels on every side. Clamping the top-left neighbour into [-2, w]
-    # (resp. [-2, h]) keeps all four neighbours inside the padded array, and every out-of-range
-    # neighbour then reads the fill colour, which is what BORDER_CONSTANT does.
-    wp = w + 4
-    fill_px = np.zeros(4, dtype=np.uint8)
-    fill_px[:c] = np.asarray(fill, dtype=np.uint8)[:c]
-    padded = np.empty((h + 4, wp), dtype="<u4")  # one RGBX pixel per uint32
-    padded[...] = fill_px.view("<u4")[0]
-    padded[2:-2, 2:-2] = _pixels_as_u32(img)
-    words = padded.view(np.uint8).astype("<u2").view("<u8").reshape(-1)  # 4 x 16-bit lanes
-    np.clip(sx, -2, w, out=sx)
-    np.clip(sy, -2, h, out=sy)
-    sy += 2
-    sy *= wp
-    sy += sx
-    sy += 2
-    idx = sy.reshape(-1)  # flat index of the top-left neighbour
-    n = words.size
-    p00 = np.take(words[:n - wp - 1], idx)
-    p01 = np.take(words[1:n - wp], idx)
-    p10 = np.take(words[wp:n - 1], idx)
-    p11 = np.take(words[wp + 1:], idx)
-
-    wx0 = np.uint64(1 << _INTER_BITS) - fx
-    p00 *= wx0
-    p01 *= fx
-    p00 += p01  # top row, each 16-bit lane <= 32 * 255
-    p10 *= wx0
-    p11 *= fx
-    p10 += p11  # bottom row
-    top, bot = p00, p10
-    wy0 = np.uint64(1 << _INTER_BITS) - fy
-    bias = np.uint64((1 << (2 * _INTER_BITS - 1)) * (1 + (1 << 32)))  # rounding term per 32-bit lane
-    shift = np.uint64(2 * _INTER_BITS)
-    sixteen = np.uint64(16)
-
-    even = top & _LANE_MASK  # channels 0 and 2 in 32-bit lanes
-    even *= wy0
-    tmp = bot & _LANE_MASK
-    tmp *= fy
-    even += tmp
-    even += bias
-    even >>= shift
-    even &= _BYTE_MASK
-    top >>= sixteen  # channels 1 and 3
-    top &= _LANE_MASK
-    top *= wy0
-    bot >>= sixteen
-    bot &= _LANE_MASK
-    bot *= fy
-    top += bot
-    top += bias
-    top >>= shift
-    top &= _BYTE_MASK
-    top <<= np.uint64(8)
-    even |= top  # bytes [c0, c1, 0, 0, c2, c3, 0, 0]
-    # Move c2/c3 down to bytes 2/3 so each pixel's channels are the low 4 bytes of its word.
-    even |= even >> sixteen
-    return _u32_as_pixels(even.astype(np.uint32).reshape(h, w), c)
+    h, w = img.shape[:2]
+    out = cv2.warpAffine(_cv2_input(img), matrix, (w, h), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=tuple(int(v) for v in fill))
+    return _cv2_output(out, img)
 
 
 def shear_x(img: np.ndarray, factor: float, fill: Sequence[int] = FILL) -> np.ndarray:
     """ALBEF ``shear_x_func``: x_dst = x_src + factor * y_src, about the top-left corner."""
     m = np.array([[1, factor, 0], [0, 1, 0]], dtype=np.float32)  # float32 like the reference
-    return warp_affine(img, m, fill)
+    return _warp(img, m, fill)
 
 
 def shear_y(img: np.ndarray, factor: float, fill: Sequence[int] = FILL) -> np.ndarray:
     """ALBEF ``shear_y_func``: y_dst = y_src + factor * x_src, about the top-left corner."""
     m = np.array([[1, 0, 0], [factor, 1, 0]], dtype=np.float32)
-    return warp_affine(img, m, fill)
+    return _warp(img, m, fill)
 
 
 def translate_x(img: np.ndarray, offset: float, fill: Sequence[int] = FILL) -> np.ndarray:
     """ALBEF ``translate_x_func``: out[y, x] = img[y, x + offset] (positive offset moves content left)."""
     m = np.array([[1, 0, -offset], [0, 1, 0]], dtype=np.float32)
-    return warp_affine(img, m, fill)
+    return _warp(img, m, fill)
 
 
 def translate_y(img: np.ndarray, offset: float, fill: Sequence[int] = FILL) -> np.ndarray:
     """ALBEF ``translate_y_func``: out[y, x] = img[y + offset, x] (positive offset moves content up)."""
     m = np.array([[1, 0, 0], [0, 1, -offset]], dtype=np.float32)
-    return warp_affine(img, m, fill)
-
-
-def rotation_matrix(center: tuple[float, float], degrees: float) -> np.ndarray:
-    """``cv2.getRotationMatrix2D(center, degrees, 1)``; positive = counter-clockwise on screen."""
-    cx, cy = (float(np.float32(v)) for v in center)  # cv2 takes a Point2f
-    a = degrees * (math.pi / 180)  # cv2: angle *= CV_PI / 180
-    alpha, beta = math.cos(a), math.sin(a)
-    return np.array(
-        [[alpha, beta, (1 - alpha) * cx - beta * cy], [-beta, alpha, beta * cx + (1 - alpha) * cy]],
-        dtype=np.float64,
-    )
+    return _warp(img, m, fill)
 
 
 def rotate(img: np.ndarray, degrees: float, fill: Sequence[int] = FILL) -> np.ndarray:
-    """ALBEF ``rotate_func``: rotate about (W/2, H/2) by ``degrees``, same output size."""
+    """ALBEF ``rotate_func``: rotate about (W/2, H/2) by ``degrees`` (positive = counter-clockwise
+    on screen), same output size."""
     h, w = img.shape[:2]
-    return warp_affine(img, rotation_matrix((w / 2, h / 2), degrees), fill)
+    return _warp(img, cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1), fill)
 
 
 # --------------------------------------------------------------------------------------------------
