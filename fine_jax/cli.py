@@ -53,12 +53,22 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
-        bad = [a for a in argv[1:] if a.startswith("--config.")]
-        name = str(e).strip("\"'")
-        culprit = next((a.split("=")[0] for a in bad if a.split("=")[0].endswith("." + name)),
-                       None) or ", ".join(a.split("=")[0] for a in bad)
-        print(f"config error: unknown config key {culprit!r}; see fine_jax/config.py for the "
-              "keys each block has", file=sys.stderr)
+        from fine_jax.config import base_config
+
+        known = base_config()
+
+        def exists(path: str) -> bool:
+            node = known
+            for part in path.split("."):
+                if not hasattr(node, "keys") or part not in node:
+                    return False
+                node = node[part]
+            return True
+
+        keys = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        unknown = [k for k in keys if not exists(k[len("--config."):])] or [str(e)]
+        print(f"config error: unknown config key {', '.join(unknown)}; see fine_jax/config.py for "
+              "the keys each block has", file=sys.stderr)
         sys.exit(2)
     except flags.Error as e:
         print(f"error: {e}\nPass --helpshort to see the flags.", file=sys.stderr)

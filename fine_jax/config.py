@@ -162,12 +162,15 @@ def apply_size(config: ml_collections.ConfigDict, name: str | None) -> ml_collec
         raise ConfigError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)} "
                           "(--config=configs/FILE.py:SIZE)")
     defaults = dataclasses.asdict(ModelConfig())
-    sizes = {k: defaults[k] for k in SIZES["tiny"]} if name == "base" else {}
+    named = {k for size in SIZES.values() for k in size}
+    sizes = {k: defaults[k] for k in named} if name == "base" else {}
     config.model.update({**sizes, **SIZES[name]})
     if name == "tiny":  # the text, queue and batch that go with the tiny size
         config.data.max_len = 32
         config.loss.queue_size = 1024
         config.train.global_batch_size = 8
+    elif name == "demo":  # its 64 positions hold the demo's text length
+        config.data.max_len = min(config.data.max_len, 48)
     return config
 
 

@@ -13,6 +13,14 @@ from fine_jax.models.adapter import l2_normalize
 IDX_QUEUE_FILL = -100  # never equals a real product index
 
 
+def _check_fits(size: int, batch: int) -> None:
+    # dynamic_update_slice clamps a write that runs past the end instead of wrapping it, which
+    # would overwrite other rows silently; shapes are static, so this costs nothing at run time.
+    if size % batch:
+        raise ValueError(f"a queue of {size} rows takes writes of {batch} rows only if {batch} "
+                         "divides it (loss.queue_size must be a multiple of the rows per step)")
+
+
 def ema_update(momentum, online, m: float):
     """theta_m <- m * theta_m + (1 - m) * theta, leaf by leaf over the momentum tree's structure."""
     online_subset = {k: online[k] for k in momentum}
@@ -41,6 +49,7 @@ def enqueue(queues: dict, image_feat: jax.Array, text_feat: jax.Array,
     """
     batch = image_feat.shape[0]
     size = queues["image"].shape[0]
+    _check_fits(size, batch)
     ptr = queues["ptr"]
     out = dict(queues)
     out["image"] = jax.lax.dynamic_update_slice(queues["image"],
@@ -70,5 +79,6 @@ def init_tgir_queues(rng: jax.Array, size: int, dim: int) -> dict:
 def enqueue_rows(queue: jax.Array, ptr: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Writes ``rows`` at ``ptr``; returns (queue, (ptr + len(rows)) mod Q). Q must be a multiple
     of ``len(rows)`` (checked when the config is validated), so a write never wraps."""
+    _check_fits(queue.shape[0], rows.shape[0])
     queue = jax.lax.dynamic_update_slice(queue, rows.astype(queue.dtype), (ptr, 0))
     return queue, ((ptr + rows.shape[0]) % queue.shape[0]).astype(jnp.int32)

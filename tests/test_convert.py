@@ -2,6 +2,7 @@
 layouts, partial loads, position-embedding resizing, atomic writes, the CLIs and training from a
 converted checkpoint."""
 import argparse
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from flax import traverse_util
 
 from fine_jax import config as config_lib
-from fine_jax import train
+from fine_jax import evaluate, trainer
 from fine_jax.checkpoint import save_weights
 from fine_jax.config import ConfigError, base_config, tiny_config
 from fine_jax.convert import convert
@@ -23,8 +24,9 @@ from fine_jax.interop.layouts import LayoutError, detect_layout
 from fine_jax.interop.posembed import interpolate_pos_embed
 from fine_jax.interop.reference import (ConversionError, abstract_params, convert_state_dict,
                                         export_state_dict, plan_conversion)
-from fine_jax.models.fine import MOMENTUM_MODULES, FashionFINE, ModelConfig, init_params
-from fine_jax.momentum import init_queues
+from fine_jax.models.fine import (MOMENTUM_MODULES, VARIANT_MODULES, FashionFINE, ModelConfig,
+                                  init_params)
+from fine_jax.momentum import init_queues, init_tgir_queues
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUEUE = 16
@@ -49,10 +51,10 @@ def model_config(cfg=None) -> ModelConfig:
     return config_lib.model_config(cfg or tiny_cfg())
 
 
-def random_weights(seed: int = 0, cfg=None, extras: bool = False) -> dict:
-    """A weights tree with every array distinct: momentum differs from params, the queue ids and
-    the pointer are not their initial values."""
-    mc = model_config(cfg)
+def random_weights(seed: int = 0, cfg=None, variant: str = "pretrain") -> dict:
+    """A weights tree of a model variant with every array distinct: momentum differs from params,
+    the queue ids and the pointers are not their initial values."""
+    mc = dataclasses.replace(model_config(cfg), variant=variant)
     key = jax.random.PRNGKey(seed)
     params = jax.device_get(init_params(FashionFINE(mc), key))
     flat = traverse_util.flatten_dict(params)
@@ -61,14 +63,16 @@ def random_weights(seed: int = 0, cfg=None, extras: bool = False) -> dict:
         {p: (v + rng.normal(size=v.shape)).astype(np.float32) for p, v in flat.items()})
     momentum = jax.tree_util.tree_map(lambda v: (v + 1.0).astype(np.float32),
                                       {k: params[k] for k in MOMENTUM_MODULES})
-    queues = jax.device_get(init_queues(jax.random.fold_in(key, 1), QUEUE, mc.embed_dim))
-    queues["idx"] = rng.integers(0, 100, QUEUE).astype(np.int32)
-    queues["ptr"] = np.int32(4)
-    weights = {"params": params, "momentum": momentum, "queues": queues, "extras": {}}
-    if extras:
-        weights["extras"] = {"fusion_queue": rng.normal(size=(QUEUE, mc.embed_dim)).astype(np.float32),
-                             "fusion_queue_ptr": np.int32(8)}
-    return weights
+    if variant == "tgir":
+        queues = jax.device_get(init_tgir_queues(jax.random.fold_in(key, 1), QUEUE, mc.embed_dim))
+        queues.update(image_ptr=np.int32(4), fusion_ptr=np.int32(8))
+    else:
+        queues = jax.device_get(init_queues(jax.random.fold_in(key, 1), QUEUE, mc.embed_dim,
+                                            with_idx=variant == "pretrain"))
+        queues["ptr"] = np.int32(4)
+        if variant == "pretrain":
+            queues["idx"] = rng.integers(0, 100, QUEUE).astype(np.int32)
+    return {"params": params, "momentum": momentum, "queues": queues}
 
 
 def assert_trees_identical(a: dict, b: dict) -> None:
@@ -107,31 +111,16 @@ def broadcast_random(shapes: dict, seed: int = 0) -> dict:
     return out
 
 
-NOT_IN_LAYOUT = {
-    "pretrain": [],
-    "retrieval": ["params/decoder_layer", "params/phrase_module", "params/replace_predict_layer",
-                  "queues/idx"],
-    "tgir": ["params/decoder_layer", "params/itm_head", "params/maa", "params/phrase_module",
-             "params/replace_predict_layer", "queues/idx", "queues/text"],
-}
-
-
-@pytest.fixture(scope="module")
-def reference_params():
-    return abstract_params(config_lib.model_config(base_config()))
-
-
 @pytest.mark.parametrize("layout", ["pretrain", "retrieval", "tgir"])
-def test_every_reference_key_maps_at_reference_size(reference_state_dict_shapes, reference_params,
-                                                    layout):
+def test_every_reference_key_maps_at_reference_size(reference_state_dict_shapes, layout):
+    """Each stage's reference state_dict fills its own stage's tree completely."""
     shapes = reference_state_dict_shapes[layout]
     state_dict = broadcast_random(shapes)
-    plan = plan_conversion(state_dict, config_lib.model_config(base_config()),
-                           params=reference_params)
+    plan = plan_conversion(state_dict, config_lib.model_config(base_config()))
     report = plan.report
     assert report.layout == layout
     assert report.missing == [] and report.unused == [] and report.ignored == []
-    assert report.filled == NOT_IN_LAYOUT[layout]
+    assert report.filled == []
     # Every key is used: mapped, or one of the buffers that need no array of their own.
     derived = {"text_encoder.embeddings.position_ids", "text_encoder_m.embeddings.position_ids",
                "decoder_layer.predictions.bias"} & set(shapes)
@@ -141,11 +130,8 @@ def test_every_reference_key_maps_at_reference_size(reference_state_dict_shapes,
     for path, array in plan.arrays.items():
         assert array.shape == abstract[path].shape, path
     assert abstract[("queues", "image")].shape == (65536, 256)
-    covered = {p for p in abstract if p in plan.arrays}
-    params_paths = {p for p in abstract if p[0] in ("params", "momentum")}
-    assert len(params_paths - covered) == sum(
-        len(traverse_util.flatten_dict(reference_params[m])) for m in
-        {f.split("/")[1] for f in NOT_IN_LAYOUT[layout] if f.startswith("params/")})
+    assert set(abstract) == set(plan.arrays)
+    assert set(plan.abstract["params"]) == set(VARIANT_MODULES[layout]) | {"temp"}
     # A few values: the layouts are transposes of the file's arrays.
     kernel = plan.arrays[("params", "text_encoder", "layer_0", "attention", "self", "query", "kernel")]
     np.testing.assert_array_equal(kernel, state_dict[
@@ -179,23 +165,27 @@ def test_export_then_convert_is_identity(tmp_path):
 
 @pytest.mark.parametrize("layout", ["pretrain", "retrieval", "tgir"])
 def test_convert_then_export_reproduces_the_file(layout):
-    state_dict = export_state_dict(random_weights(1, extras=True), layout)
+    """Each stage layout goes into its own stage's tree, and back to the same file."""
+    weights = random_weights(1, variant=layout)
+    state_dict = export_state_dict(weights, layout)
     converted, report = convert_state_dict(state_dict, model_config())
-    assert report.layout == layout and report.complete
-    assert report.filled == NOT_IN_LAYOUT[layout]
+    assert report.layout == layout and report.complete and report.filled == []
+    assert set(converted["params"]) == set(VARIANT_MODULES[layout]) | {"temp"}
+    assert_trees_identical(converted, weights)
     assert_state_dicts_identical(export_state_dict(converted, layout), state_dict)
 
 
-def test_layout_gaps_keep_documented_initial_values():
-    mc = model_config()
-    state_dict = export_state_dict(random_weights(2, extras=True), "tgir")
-    converted, _ = convert_state_dict(state_dict, mc, seed=3)
-    init = jax.device_get(init_params(FashionFINE(mc), jax.random.PRNGKey(3)))
-    assert_trees_identical(converted["params"]["maa"], init["maa"])
-    np.testing.assert_array_equal(converted["queues"]["idx"], np.full(QUEUE, -100, np.int32))
-    np.testing.assert_allclose(np.linalg.norm(converted["queues"]["text"], axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(converted["extras"]["fusion_queue"], state_dict["fusion_queue"].T)
-    assert converted["extras"]["fusion_queue_ptr"] == 8
+def test_stage1_weights_export_as_every_stage_layout():
+    """A stage-1 run exports as stage 1 or stage 2 (a subset); stage 3 needs its fusion queue."""
+    weights = random_weights(2)
+    retrieval = export_state_dict(weights, "retrieval")
+    assert "unigram_conv.weight" not in retrieval and "W_v" in retrieval
+    converted, _ = convert_state_dict(retrieval, model_config())
+    assert set(converted["queues"]) == {"image", "text", "ptr"}
+    assert_trees_identical(converted["params"], {k: weights["params"][k]
+                                                 for k in converted["params"]})
+    with pytest.raises(ConversionError, match="needs a checkpoint of that stage"):
+        export_state_dict(weights, "tgir")
 
 
 def test_albef_layout_loads_as_the_reference_does():
@@ -269,8 +259,10 @@ def test_explicit_layout_overrides_detection():
 
 
 def test_export_refuses_a_layout_the_checkpoint_cannot_fill():
-    with pytest.raises(ConversionError, match="extras/fusion_queue"):
+    with pytest.raises(ConversionError, match="needs a checkpoint of that stage"):
         export_state_dict(random_weights(8), "tgir")
+    with pytest.raises(ConversionError, match="unigram_conv|phrase_module"):
+        export_state_dict(random_weights(8, variant="retrieval"), "pretrain")
     with pytest.raises(LayoutError):
         export_state_dict(random_weights(8), "albef")
 
@@ -380,13 +372,13 @@ def run_module(module, *args):
 
 def test_convert_and_export_command_lines(tmp_path):
     pytest.importorskip("torch")
-    weights = random_weights(11, extras=True)
+    weights = random_weights(11, variant="tgir")
     pth = io.write_torch_file(export_state_dict(weights, "tgir"), tmp_path / "tgir.pth")
     out = tmp_path / "converted"
     rc, text = run_module("fine_jax.convert", f"--pth={pth}", f"--out={out}", CONFIG_FLAG,
                           *TINY_FLAGS)
     assert rc == 0, text
-    assert "layout: tgir" in text and "params/maa" in text and f"wrote {out}" in text
+    assert "layout: tgir" in text and f"wrote {out}" in text
     rc, text = run_module("fine_jax.export", f"--checkpoint={out}", f"--out={tmp_path / 'back.pth'}")
     assert rc == 0 and "tgir layout" in text, text
     assert_state_dicts_identical(io.read_weights(tmp_path / "back.pth"), io.read_weights(pth))
@@ -428,19 +420,18 @@ def test_training_workdir_exported_converted_and_scored_again(tmp_path):
     pytest.importorskip("torch")
     cfg_a = synthetic_cfg(tmp_path / "data", seed=1)
     cfg_a.train.max_steps = 2
-    trained = train.run(cfg_a, str(tmp_path / "a"))
+    trained = trainer.run(cfg_a, str(tmp_path / "a"))
     export(tmp_path / "a", tmp_path / "a.pth", log=lambda *_: None)
     convert(tmp_path / "a.pth", tmp_path / "w", cfg_a, log=lambda *_: None)
     cfg_b = synthetic_cfg(tmp_path / "data", seed=2)
-    cfg_b.init.checkpoint = str(tmp_path / "w")
-    scored = train.run(cfg_b, str(tmp_path / "b"), evaluate_only=True)
+    scored = evaluate.evaluate(cfg_b, tmp_path / "w", out=tmp_path / "b", log=lambda *_: None)
     assert scored == pytest.approx(trained)
 
 
 def test_init_checkpoint_replaces_the_fresh_state_or_says_why_not(tmp_path):
     cfg = tiny_cfg()
     save_weights(tmp_path / "w", random_weights(12), {"config": {"model": cfg.model.to_dict()}})
-    state = {part: value for part, value in random_weights(13).items() if part != "extras"}
+    state = random_weights(13)
     cfg.init.checkpoint = str(tmp_path / "w")
     cfg.loss.queue_size = 2 * QUEUE
     with pytest.raises(ConfigError, match="init.queues=False"):
@@ -478,7 +469,7 @@ def test_init_from_public_towers(tmp_path):
     vit["head.weight"] = np.zeros((10, 32), np.float32)
     save_file(vit, str(tmp_path / "vit.safetensors"))
 
-    state = {part: value for part, value in random_weights(15).items() if part != "extras"}
+    state = random_weights(15)
     cfg.init.bert = str(tmp_path / "bert")
     cfg.init.vit = str(tmp_path / "vit.safetensors")
     lines = []

@@ -238,7 +238,7 @@ def test_eval_images_replace_unreadable_with_grey(reference, tmp_path, caplog):
 
 def test_training_log_reports_replaced_records(reference, release, tmp_path, capsys):
     from fine_jax import config as config_lib
-    from fine_jax import train
+    from fine_jax import trainer
 
     _broken_reference(reference, tmp_path, remove_rows=[5])  # one image in the middle of the split
     root = tmp_path / "ref"
@@ -249,9 +249,9 @@ def test_training_log_reports_replaced_records(reference, release, tmp_path, cap
     c = config_lib.tiny_config(image_size=32, vocab_size=0, embed_dim=32)
     c.data.update(data_dir=str(root), lexicon="none", max_len=40)
     c.loss.queue_size = 32
-    c.train.update(global_batch_size=8, max_steps=3, log_every=1, eval_at_end=False,
-                   checkpoint_every=100)
-    train.run(c, str(tmp_path / "work"))  # one epoch: 24 rows / 8
+    c.train.update(global_batch_size=8, max_steps=3, log_every=1, checkpoint_every=100)
+    c.eval.update(at_end=False, every_epochs=0)
+    trainer.run(c, str(tmp_path / "work"))  # one epoch: 24 rows / 8
     assert "1 unreadable records replaced" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(tmp_path / "work" / "metrics.jsonl")]
     assert [r["bad_records"] for r in rows][-1] == 1

@@ -31,8 +31,9 @@ def test_idx_targets_match_numpy(rng):
     for b in range(4):
         pos = idx_all == idx[b]
         expected[b, pos] = 1.0 / pos.sum()
-    np.testing.assert_allclose(obj.idx_targets(jnp.asarray(idx), jnp.asarray(idx_all)), expected,
-                               rtol=1e-6)
+    targets = obj.idx_targets(jnp.asarray(idx), jnp.asarray(idx_all))
+    chex.assert_shape(targets, (4, 9))
+    chex.assert_trees_all_close(targets, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.15, 0.4])
@@ -50,9 +51,10 @@ def test_focal_itc_matches_numpy(rng, alpha):
     loss, (l_i2t, l_t2i) = obj.focal_itc_loss(
         *(jnp.asarray(s[k], jnp.float32) for k in ("i2t", "t2i", "i2t_m", "t2i_m")),
         jnp.asarray(gt, jnp.float32), alpha, 0.25, 2.0)
-    np.testing.assert_allclose(l_i2t, expected_i2t, rtol=1e-5)
-    np.testing.assert_allclose(l_t2i, expected_t2i, rtol=1e-5)
-    np.testing.assert_allclose(loss, (expected_i2t + expected_t2i) / 2, rtol=1e-5)
+    chex.assert_shape([loss, l_i2t, l_t2i], ())
+    chex.assert_trees_all_close((loss, (l_i2t, l_t2i)),
+                                ((expected_i2t + expected_t2i) / 2, (expected_i2t, expected_t2i)),
+                                rtol=1e-5)
 
 
 def test_focal_gradient_flows_through_focal_factor(rng):
@@ -69,7 +71,8 @@ def test_focal_gradient_flows_through_focal_factor(rng):
             d[i, j] = eps
             num[i, j] = (np_focal(base + d, np.asarray(y), 0.25, 2) -
                          np_focal(base - d, np.asarray(y), 0.25, 2)) / (2 * eps)
-    np.testing.assert_allclose(g, num, rtol=2e-3, atol=1e-5)
+    chex.assert_shape(g, (3, 5))
+    chex.assert_trees_all_close(g, num, rtol=2e-3, atol=1e-5)
 
 
 def test_itm_loss_matches_numpy(rng):
@@ -99,8 +102,13 @@ def test_mlm_loss_ignores_unlabelled_positions(rng):
     expected = -np.mean(np.log(picks))
     np.testing.assert_allclose(obj.mlm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels)),
                                expected, rtol=1e-5)
-    # No labelled position at all: defined as 0 rather than NaN.
-    assert float(obj.mlm_loss(jnp.asarray(logits, jnp.float32), jnp.full((2, 6), -100))) == 0.0
+    # No labelled position at all: defined as 0 rather than NaN, and its gradient must not be NaN
+    # either, or one such batch would still poison the parameters.
+    none = jnp.full((2, 6), -100)
+    loss, grad = jax.value_and_grad(obj.mlm_loss)(jnp.asarray(logits, jnp.float32), none)
+    assert float(loss) == 0.0
+    chex.assert_tree_all_finite(grad)
+    chex.assert_trees_all_close(grad, jnp.zeros((2, 6, 11)))
 
 
 def test_rtp_loss_averages_every_position(rng):
@@ -156,3 +164,25 @@ def test_soft_cross_entropy_matches_numpy(rng):
     expected = -np.mean(np.sum(y * np.log(np_softmax(logits)), 1))
     chex.assert_trees_all_close(obj.soft_cross_entropy(jnp.asarray(logits), jnp.asarray(y)),
                                 jnp.asarray(expected, jnp.float32), rtol=1e-5)
+
+
+def test_losses_are_fp32_scalars_under_bf16_inputs(rng):
+    # Under mixed precision the heads emit bf16; every loss still reduces in fp32 (module docstring).
+    def bf16(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+
+    b = 3
+    unit = bf16(b, 8) / jnp.linalg.norm(bf16(b, 8), axis=-1, keepdims=True)
+    gt = obj.diagonal_targets(b, b + 4).astype(jnp.bfloat16)
+    losses = {
+        "focal_itc": obj.focal_itc_loss(*(bf16(b, b + 4) for _ in range(4)), gt, 0.4, 0.25, 2.0),
+        "soft_ce": obj.soft_cross_entropy(bf16(b, b + 4), gt),
+        "itm": obj.itm_loss(bf16(3 * b, 2), b),
+        "symbol": obj.symbol_loss(unit, unit),
+        "mlm": obj.mlm_loss(bf16(b, 5, 11),
+                            jnp.asarray(rng.integers(0, 11, size=(b, 5))).at[:, 0].set(-100)),
+        "rtp": obj.rtp_loss(bf16(b, 5, 2), jnp.asarray(rng.integers(0, 2, size=(b, 5)))),
+    }
+    chex.assert_shape(jax.tree_util.tree_leaves(losses), ())
+    chex.assert_type(jax.tree_util.tree_leaves(losses), jnp.float32)
+    chex.assert_tree_all_finite(losses)

@@ -1,9 +1,11 @@
 """Learning-rate schedule values (method_spec §8.3) and the weight-decay mask (§8.2)."""
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from fine_jax.optim import ScheduleConfig, reference_lr, weight_decay_mask
+from fine_jax.optim import OptimConfig, ScheduleConfig, make_optimizer, reference_lr, weight_decay_mask
 
 STAGE1 = ScheduleConfig(peak_lr=6e-5, warmup_lr=1e-5, min_lr=1e-5, warmup_units=5,
                         warmup_unit_iters=100, epochs=10)
@@ -37,7 +39,14 @@ def test_stage2_warmup_one_unit():
 
 def test_schedule_is_jittable():
     f = jax.jit(lambda s: reference_lr(s, IPE, STAGE1))
-    assert float(f(jnp.asarray(150))) == pytest.approx(2e-5)
+    lr = f(jnp.asarray(150))
+    chex.assert_shape(lr, ())
+    chex.assert_type(lr, jnp.float32)
+    assert float(lr) == pytest.approx(2e-5)
+    # Element-wise over a vector of steps, as a logger evaluating many steps at once would use it.
+    steps = jnp.asarray([0, 101, 501, IPE, 10 * IPE])
+    chex.assert_trees_all_close(reference_lr(steps, IPE, STAGE1),
+                                jnp.asarray([1e-5, 2e-5, 6e-5, 5.88e-5, 1e-5]), rtol=2e-3)
 
 
 def test_weight_decay_mask_follows_reference_groups():
@@ -45,8 +54,31 @@ def test_weight_decay_mask_follows_reference_groups():
               "dense": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros((4,))},
               "LayerNorm": {"scale": jnp.zeros((4,)), "bias": jnp.zeros((4,))},
               "pos_embed": jnp.zeros((1, 5, 4)), "conv": {"kernel": jnp.zeros((3, 4, 4))}}
-    mask = weight_decay_mask(params)
-    assert mask["temp"] and mask["W_v"] and mask["pos_embed"] and mask["dense"]["kernel"]
-    assert mask["conv"]["kernel"]
-    assert not mask["dense"]["bias"] and not mask["LayerNorm"]["scale"]
-    assert not mask["LayerNorm"]["bias"]
+    # Same tree, so a parameter missing from (or added to) the mask would fail too.
+    chex.assert_trees_all_equal(weight_decay_mask(params), {
+        "temp": True, "W_v": True, "dense": {"kernel": True, "bias": False},
+        "LayerNorm": {"scale": False, "bias": False}, "pos_embed": True, "conv": {"kernel": True}})
+
+
+def test_make_optimizer_decays_the_masked_params_at_the_scheduled_lr():
+    # With zero gradients Adam's step is exactly 0, so one update is pure decoupled weight decay:
+    # p <- p * (1 - lr_0 * wd) where the mask says decay (the 0-d temperature included, B13), and
+    # p unchanged for biases and LayerNorm scales. lr_0 is the schedule's first value, warmup_lr.
+    cfg = OptimConfig(lr=0.4, warmup_lr=0.1, min_lr=0.1, weight_decay=0.5)
+    opt, schedule = make_optimizer(cfg, steps_per_epoch=50)
+    rng = np.random.default_rng(0)
+    params = {"temp": jnp.asarray(0.07, jnp.float32),
+              "dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+                        "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)},
+              "LayerNorm": {"scale": jnp.ones((3,), jnp.float32)}}
+    state = opt.init(params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = jax.jit(opt.update)(zeros, state, params)
+    assert float(schedule(0)) == pytest.approx(0.1)
+    factor = 1.0 - 0.1 * 0.5
+    expected = {"temp": params["temp"] * factor,
+                "dense": {"kernel": params["dense"]["kernel"] * factor, "bias": params["dense"]["bias"]},
+                "LayerNorm": {"scale": params["LayerNorm"]["scale"]}}
+    new = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, params)
+    chex.assert_trees_all_close(new, expected, rtol=1e-6)

@@ -279,6 +279,132 @@ def test_stage1_fixed_and_scrambled_labels(small_tok):
     assert any(differs(s) for s in range(5))
 
 
+# The reference's own labelling rule (FashionSAP-style ``process_description`` followed by
+# ``get_text_train_labels``), transcribed statement by statement so that B2 is pinned to the
+# reference and not to fine_jax's reading of it: targets are collected in permutation order, but
+# handed out to the labelled positions in ascending position order.
+def reference_description_labels(tokens, perm, keep=None):
+    """mask_labels of a description of word-piece ids ``tokens`` given the shuffled positions
+    ``perm``; ``keep`` = how many description positions survive truncation (all if None)."""
+    tokens_length = len(tokens)
+    mask_token = []
+    mask_sign = [0] * tokens_length
+    mask_length = int(tokens_length * 0.15 * 0.8)
+    for i in range(mask_length):
+        mask_token.append(tokens[perm[i]])
+        mask_sign[perm[i]] = 1
+    replace_length = int(tokens_length * 0.15 * 0.1)
+    for i in range(mask_length, mask_length + replace_length):
+        mask_token.append(tokens[perm[i]])
+        mask_sign[perm[i]] = 1
+    if keep is not None:
+        mask_sign = mask_sign[:keep]
+    mask_token = mask_token[: sum(mask_sign)]
+    mask_labels = [-100] * len(mask_sign)
+    mask_pos = [i for i, a in enumerate(mask_sign) if a == 1]
+    assert len(mask_pos) == len(mask_token)
+    for p, l in zip(mask_pos, mask_token):
+        mask_labels[p] = l
+    return mask_labels
+
+
+class _PermutationSpy:
+    """A np.random.Generator stand-in that records every permutation it hands out.
+
+    It draws from the wrapped generator, so the text built with it is the one the bare generator
+    gives (checked below); the first recorded permutation is the description's.
+    """
+
+    def __init__(self, seed):
+        self._rng = np.random.default_rng(seed)
+        self.permutations = []
+
+    def permutation(self, x):
+        out = self._rng.permutation(x)
+        self.permutations.append(np.array(out))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._rng, name)
+
+
+def _description(n):
+    """A description of exactly n word-pieces: w0..w79 are one piece each, "w<i>s" two (w<i> ##s),
+    so lengths up to 160 exist and the targets are mostly distinct tokens."""
+    assert n <= 2 * N_WORDS
+    plural = max(0, n - N_WORDS)
+    return " ".join(f"{w}s" if i < plural else w for i, w in enumerate(WORDS[: n - plural]))
+
+
+def _spied_stage1(tok, n, seed, max_len, fix=False):
+    spy = _PermutationSpy(seed)
+    # Antonyms for every word, so the replacement branch draws from the generator in both ways.
+    lex = Lexicon(antonyms={w: ["opp"] for w in WORDS})
+    out = build_stage1_text(make_record(description=_description(n)), tok, CATEGORY_SYMBOLS, lex, spy,
+                            max_len, fix_mlm_labels=fix)
+    plain = build_stage1_text(make_record(description=_description(n)), tok, CATEGORY_SYMBOLS, lex,
+                              np.random.default_rng(seed), max_len, fix_mlm_labels=fix)
+    for k in out:
+        np.testing.assert_array_equal(out[k], plain[k], err_msg=k)
+    return out, spy.permutations
+
+
+# 67 word-pieces is the shortest description with a replaced token (int(n * 0.015) >= 1); 134 and
+# 160 have two, so replaced targets also take part in the scramble among themselves.
+@pytest.mark.parametrize("n", [9, 40, 66, 67, 80, 100, 134, 160])
+def test_stage1_description_labels_follow_reference_scramble(small_tok, n):
+    tok = small_tok
+    orig = tok.wordpiece_ids(pre_caption(_description(n)))
+    assert len(orig) == n
+    _, d0, sep = _layout(tok, n)
+    n_mask, n_rep = int(n * 0.15 * 0.8), int(n * 0.15 * 0.1)
+    scrambled = 0
+    for seed in range(6):
+        out, perms = _spied_stage1(tok, n, seed, max_len=400)
+        perm = perms[0]
+        assert sorted(perm.tolist()) == list(range(n))
+        # The description permutation is the generator's first draw, as in the reference.
+        np.testing.assert_array_equal(perm, np.random.default_rng(seed).permutation(n))
+        # It is the permutation that chose the corrupted positions.
+        assert (out["input_ids"][d0 + perm[:n_mask]] == tok.mask_id).all()
+        rep = np.zeros(n, np.int32)
+        rep[perm[n_mask : n_mask + n_rep]] = 1
+        np.testing.assert_array_equal(out["replace_labels"][d0:sep], rep)
+
+        expected = reference_description_labels(orig, perm.tolist())
+        np.testing.assert_array_equal(out["mask_labels"][d0:sep], expected)
+        own = [t if lab != -100 else -100 for t, lab in zip(orig, expected)]
+        scrambled += expected != own
+
+        # The fix: the same labelled positions, each holding its own original token.
+        fixed, fixed_perms = _spied_stage1(tok, n, seed, max_len=400, fix=True)
+        np.testing.assert_array_equal(fixed_perms[0], perm)
+        np.testing.assert_array_equal(fixed["mask_labels"][d0:sep], own)
+        # Attribute-prompt targets are aligned in both modes.
+        np.testing.assert_array_equal(fixed["mask_labels"][sep:], out["mask_labels"][sep:])
+    if n_mask + n_rep >= 4:
+        assert scrambled > 0, "no seed scrambled the labels: the comparison would not see B2"
+
+
+@pytest.mark.parametrize("max_len", [60, 40, 20])
+def test_stage1_truncated_description_labels_follow_reference(small_tok, max_len):
+    # Truncation inside the description: the reference cuts the permutation-ordered targets to the
+    # number of labelled positions that survive, then pairs them in position order.
+    tok = small_tok
+    n = 134
+    orig = tok.wordpiece_ids(pre_caption(_description(n)))
+    _, d0, _ = _layout(tok, n)
+    keep = max_len - d0
+    for seed in range(4):
+        out, perms = _spied_stage1(tok, n, seed, max_len=max_len)
+        expected = reference_description_labels(orig, perms[0].tolist(), keep=keep)
+        np.testing.assert_array_equal(out["mask_labels"][d0:], expected)
+        fixed, _ = _spied_stage1(tok, n, seed, max_len=max_len, fix=True)
+        pos = np.flatnonzero(fixed["mask_labels"] != -100)
+        np.testing.assert_array_equal(pos, np.flatnonzero(out["mask_labels"] != -100))
+        np.testing.assert_array_equal(fixed["mask_labels"][pos], np.asarray(orig)[pos - d0])
+
+
 def _attribute_pairs(tok, out, n):
     """Splits the attribute part into [(name_ids, value_ids, name_labels, value_labels)]."""
     _, _, sep = _layout(tok, n)

@@ -1,5 +1,6 @@
-"""The main job end to end on a tiny synthetic set: metrics, checkpoints, exact resume, evaluation,
-and the clear errors for a missing dataset and an impossible config."""
+"""The main job end to end on a tiny synthetic set, all three stages: metrics, per-epoch evaluation
+and the best checkpoint, exact resume, stages 2 and 3 from stage 1, the evaluation tool, and the
+one-line errors for a missing dataset and impossible configs."""
 import json
 import os
 import pathlib
@@ -10,42 +11,47 @@ import numpy as np
 import pytest
 
 from fine_jax import config as config_lib
-from fine_jax import train
+from fine_jax import evaluate, trainer
+from fine_jax.checkpoint import BEST_DIR, best_info
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
 
 EVAL_KEYS = ["full/i2t_r1", "full/i2t_r5", "full/i2t_r10", "full/t2i_r1", "full/t2i_r5",
-             "full/t2i_r10", "sample100/i2t_r1", "sample100/i2t_r5", "sample100/i2t_r10",
-             "sample100/t2i_r1", "sample100/t2i_r5", "sample100/t2i_r10", "twin/i2t_acc",
-             "twin/t2i_acc"]
+             "full/t2i_r10", "full/sum", "sample100/i2t_r1", "sample100/i2t_r5",
+             "sample100/i2t_r10", "sample100/t2i_r1", "sample100/t2i_r5", "sample100/t2i_r10",
+             "sample100_mean/i2t_r1", "sample100_std/i2t_r1", "sample100_clean/t2i_r1",
+             "twin/i2t_acc", "twin/t2i_acc"]
+TINY_MODEL = dict(vision_width=32, hidden_size=32, intermediate_size=64, vision_heads=2,
+                  num_heads=2, embed_dim=32, vision_depth=1, num_layers=2, fusion_layer=1,
+                  patch_size=16)
 
 
-def tiny_demo_config(data_dir, max_steps):
-    import demo
-
-    c = demo.get_config()
+def tiny(config_file, data_dir, max_steps, **train):
+    c = config_lib.load_config_file(REPO / "configs" / config_file)
     c.data.data_dir = str(data_dir)
     c.data.synthetic_train_products = 40
     c.data.synthetic_eval_products = 20
     c.data.synthetic_views = 2
-    c.model.update(dict(vision_width=32, hidden_size=32, intermediate_size=64, vision_heads=2,
-                        num_heads=2, embed_dim=32, vision_depth=1, num_layers=2, fusion_layer=1,
-                        patch_size=16))
+    c.data.synthetic_tgir_train = 48
+    c.data.synthetic_tgir_eval = 24
+    c.model.update(TINY_MODEL)
     c.data.max_len = 40
     c.train.global_batch_size = 8
     c.loss.queue_size = 32
     c.train.max_steps = max_steps
-    c.init.vit_pretrain_steps = 2  # the warm-start runs once; a resume must not repeat it
+    c.init.vit_pretrain_steps = 2 if c.stage == "pretrain" else 0
     c.train.log_every = 1
     c.train.checkpoint_every = 2
     c.eval.batch_size = 16
+    c.eval.sample100_draws = 2
+    c.train.update(train)
     return c
 
 
 def read_metrics(workdir):
-    rows = [json.loads(l) for l in open(pathlib.Path(workdir) / "metrics.jsonl")]
-    return {r["step"]: r for r in rows if "loss" in r}
+    rows = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    return {r["step"]: r for r in rows if "loss" in r}, [r for r in rows if "eval/full/sum" in r
+                                                         or "eval/tgir/select" in r]
 
 
 @pytest.fixture(scope="module")
@@ -53,45 +59,142 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
 
 
-def test_train_resume_and_evaluate(tmp_path, data_dir, capsys):
-    # Uninterrupted: 6 steps.
-    straight = tmp_path / "straight"
-    results = train.run(tiny_demo_config(data_dir, 6), str(straight))
-    out = capsys.readouterr().out
-    assert "step 6/6" in out and "ex/s" in out and "ETA" in out and "itc" in out
-    assert (straight / "checkpoints" / "6").is_dir()
-    assert list((straight / "tb").iterdir()), "no TensorBoard event file"
-    on_disk = json.loads((straight / "eval_results.json").read_text())
-    for key in EVAL_KEYS:
-        assert key in on_disk and 0.0 <= on_disk[key] <= 100.0, key
-    assert on_disk == pytest.approx(results)
-    assert (straight / "sample100_candidates.json").is_file()
+@pytest.fixture(scope="module")
+def stage1(data_dir, tmp_path_factory):
+    """A stage-1 run of one epoch (80 images / 8 = 10 steps), evaluated at its end."""
+    workdir = tmp_path_factory.mktemp("stage1")
+    c = tiny("demo.py", data_dir, 10)
+    c.eval.every_epochs = 1
+    results = trainer.run(c, str(workdir))
+    return workdir, c, results
 
-    # Interrupted after 4 steps, then resumed in the same workdir up to 6.
+
+def test_stage1_evaluates_every_epoch_and_keeps_the_best(stage1, capsys):
+    workdir, c, results = stage1
+    steps, evals = read_metrics(workdir)
+    assert sorted(steps) == list(range(1, 11))
+    assert [r["step"] for r in evals] == [10]  # 80 rows / 8 = 10 steps: one epoch, then the end
+    on_disk = json.loads((workdir / "eval_results.json").read_text())
+    assert on_disk["criterion"] == "full/sum"
+    latest, best = on_disk["latest"], on_disk["best"]
+    for key in EVAL_KEYS:
+        assert 0.0 <= latest["results"][key] <= 100.0 or key == "full/sum", key
+    assert latest["results"] == pytest.approx(results)
+    assert best["value"] == pytest.approx(results["full/sum"]) and best["step"] == 10
+    assert best_info(workdir)["step"] == 10 and (workdir / BEST_DIR).is_dir()
+    assert (workdir / "sample100_candidates.json").is_file()
+    assert list((workdir / "tb").iterdir()), "no TensorBoard event file"
+
+
+def test_resume_continues_exactly(data_dir, tmp_path, capsys):
+    straight = tmp_path / "straight"
+    trainer.run(_no_eval(tiny("demo.py", data_dir, 6)), str(straight))
     resumed = tmp_path / "resumed"
-    train.run(tiny_demo_config(data_dir, 4), str(resumed))
+    trainer.run(_no_eval(tiny("demo.py", data_dir, 4)), str(resumed))
     assert (resumed / "checkpoints" / "4").is_dir()
     assert "ViT warm-start 2/2" in capsys.readouterr().out
-    train.run(tiny_demo_config(data_dir, 6), str(resumed))
+    trainer.run(_no_eval(tiny("demo.py", data_dir, 6)), str(resumed))
     out = capsys.readouterr().out
     assert "resumed from" in out and "ViT warm-start" not in out
-    a, b = read_metrics(straight), read_metrics(resumed)
+    a, b = read_metrics(straight)[0], read_metrics(resumed)[0]
     for step in (5, 6):
         for key in ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_sym"):
             np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-4,
                                        err_msg=f"{key} at step {step} differs after resume")
 
 
-def test_reference_config_without_data_stops_with_one_message(tmp_path):
+def _no_eval(c):
+    c.eval.every_epochs = 0
+    c.eval.at_end = False
+    return c
+
+
+def test_stage2_starts_from_the_best_stage1_checkpoint(stage1, data_dir, tmp_path, capsys):
+    workdir1, _, _ = stage1
+    c = tiny("demo_retrieval.py", data_dir, 6)
+    c.init.checkpoint = str(workdir1)
+    c.eval.every_epochs = 1
+    results = trainer.run(c, str(tmp_path / "s2"))
+    out = capsys.readouterr().out
+    assert "the best checkpoint, step 10" in out and "fine_jax retrieval" in out
+    assert "train products 40" in out and "5 steps/epoch" in out
+    steps, evals = read_metrics(tmp_path / "s2")
+    assert set(steps[1]) >= {"loss_itc", "loss_itm"} and "loss_mlm" not in steps[1]
+    assert [r["step"] for r in evals] == [5, 6]
+    for key in EVAL_KEYS:
+        assert key in results
+
+
+def test_stage3_starts_from_stage1_and_scores_fashioniq(stage1, data_dir, tmp_path, capsys):
+    workdir1, _, _ = stage1
+    c = tiny("demo_tgir.py", data_dir, 4)
+    c.init.checkpoint = str(workdir1)
+    results = trainer.run(c, str(tmp_path / "s3"))
+    out = capsys.readouterr().out
+    assert "fine_jax tgir" in out and "train triplets 48" in out
+    assert "queues/fusion" in out  # kept fresh: stage 1 has no fusion queue
+    for cat in ("dress", "shirt", "toptee"):
+        for k in ("r1", "r5", "r10", "r50"):
+            assert 0.0 <= results[f"tgir/{cat}/{k}"] <= 100.0
+    assert results["tgir/select"] == pytest.approx(sum(
+        results[f"tgir/{cat}/r10"] + results[f"tgir/{cat}/r50"]
+        for cat in ("dress", "shirt", "toptee")))
+    assert json.loads((tmp_path / "s3" / "eval_results.json").read_text())["criterion"] == \
+        "tgir/select"
+
+
+def test_evaluate_tool_scores_a_workdir_without_the_training_split(stage1, tmp_path):
+    workdir, c, results = stage1
+    c = c.copy_and_resolve_references()
+    scored = evaluate.evaluate(c, workdir, out=tmp_path / "ev", log=lambda *_: None)
+    assert scored == pytest.approx(results)
+    report = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
+    assert report["step"] == 10 and report["results"] == pytest.approx(results)
+
+
+def run_cli(module, *args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "fine_jax.train", "--config=configs/fashiongen.py",
-         f"--workdir={tmp_path / 'wd'}", f"--config.data.data_dir={tmp_path / 'nowhere'}"],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_evaluate_refuses_a_workdir_without_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("fine_jax.evaluate", "--config=configs/demo.py",
+                   f"--checkpoint={tmp_path / 'empty'}")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "neither a fine_jax weights checkpoint" in proc.stderr
+
+
+def test_reference_config_without_data_stops_with_one_message(tmp_path):
+    proc = run_cli("fine_jax.train", "--config=configs/fashiongen.py",
+                   f"--workdir={tmp_path / 'wd'}", f"--config.data.data_dir={tmp_path / 'nowhere'}")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "fashiongen_256_256_train.h5" in proc.stderr
     assert "--config.data.data_dir" in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.num_heads=3", "hidden_size=128 is not divisible by model.num_heads=3"),
+    ("--config.train.log_every=0", "train.log_every=0 must be at least 1"),
+    ("--config.train.checkpoint_every=0", "train.checkpoint_every=0 must be at least 1"),
+    ("--config.train.log_evry=5", "unknown config key --config.train.log_evry;"),
+    ("--config.loss.queue_size=1000", "queue_size=1000 is not divisible"),
+    ("--config.train.global_batch_size=128 --config.loss.queue_size=1024",
+     "larger than the training set"),
+])
+def test_impossible_configs_are_one_line_before_any_work(tmp_path, data_dir, override, message):
+    proc = run_cli("fine_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path / 'wd'}",
+                   f"--config.data.data_dir={data_dir}", "--config.data.synthetic_train_products=40",
+                   "--config.data.synthetic_eval_products=20", "--config.data.synthetic_views=2",
+                   *override.split())
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("config error:") and message in lines[-1], proc.stderr
+    assert "first step" not in proc.stdout
 
 
 def test_queue_not_divisible_by_global_batch_is_a_clear_error():
@@ -103,3 +206,19 @@ def test_queue_not_divisible_by_global_batch_is_a_clear_error():
     config_lib.validate(c)  # the reference configuration itself is valid
     with pytest.raises(config_lib.ConfigError, match="not divisible by the 3 devices"):
         config_lib.validate(c, num_devices=3)
+    c.stage = "tgir"  # stage 3 enqueues 2 x 128 image rows per step
+    c.data.source = "fashioniq"
+    c.loss.queue_size = 128 * 3
+    with pytest.raises(config_lib.ConfigError, match="twice the global batch"):
+        config_lib.validate(c)
+
+
+def test_every_named_size_is_selectable_by_name():
+    for name in config_lib.SIZES:
+        for f in ("demo.py", "fashiongen.py", "fashiongen_retrieval.py", "fashioniq_tgir.py"):
+            c = config_lib.load_config_file(REPO / "configs" / f, name)
+            config_lib.validate(c)
+            if name == "tiny":
+                assert c.model.hidden_size == 64 and c.model.vision_depth == 2
+    with pytest.raises(config_lib.ConfigError, match="unknown model size 'huge'"):
+        config_lib.load_config_file(REPO / "configs" / "demo.py", "huge")
