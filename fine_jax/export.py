@@ -2,11 +2,11 @@
 
     python -m fine_jax.export --checkpoint=WORKDIR_OR_WEIGHTS --out=model.pth [--layout=pretrain]
 
-``--checkpoint`` is a training workdir (its latest step, or ``--step``) or a weights checkpoint
-written by ``fine_jax.convert``. The layout is the stage the state_dict is for: ``pretrain`` (stage
-1, the default for training workdirs), ``retrieval`` (stage 2) or ``tgir`` (stage 3; needs the
-fusion queue a stage-3 conversion keeps); a converted checkpoint defaults to the layout it was
-converted from. The file holds ``{"model": state_dict}`` like the reference's own checkpoints
+``--checkpoint`` is a training workdir (its latest step, or ``--step``: a number or ``best``) or a
+weights checkpoint written by ``fine_jax.convert``. The layout is the stage the state_dict is for:
+``pretrain`` (stage 1), ``retrieval`` (stage 2) or ``tgir`` (stage 3, from a stage-3 run or
+conversion); it defaults to the stage the run trained, or the layout a checkpoint was converted
+from. A stage-1 run also exports as ``retrieval`` (a subset of it). The file holds ``{"model": state_dict}`` like the reference's own checkpoints
 (``--bare`` writes the state_dict alone), with float32 parameters and int64 buffers. Converting it
 back gives the same arrays bit for bit. Needs torch (``pip install -e ".[torch]"``).
 """
@@ -21,9 +21,13 @@ from fine_jax.interop.reference import ConversionError, export_state_dict
 
 
 def default_layout(info: dict) -> str:
-    """The layout a checkpoint was converted from when fine_jax writes it, else stage 1."""
+    """The layout a checkpoint was converted from when fine_jax writes it, else the layout of
+    the stage a training run trained (its config's ``stage``), else stage 1."""
     source = info.get("source", {}).get("layout")
-    return source if source in LAYOUTS and LAYOUTS[source].exportable else "pretrain"
+    if source in LAYOUTS and LAYOUTS[source].exportable:
+        return source
+    stage = info.get("config", {}).get("stage", "pretrain")
+    return stage if stage in EXPORT_LAYOUTS else "pretrain"
 
 
 def export(checkpoint, out, layout: str | None = None, step: int | None = None,
@@ -46,7 +50,8 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save phase at INFO
     FLAGS = flags.FLAGS
     try:
-        export(FLAGS.checkpoint, FLAGS.out, FLAGS.layout, FLAGS.step, FLAGS.overwrite, FLAGS.bare)
+        step = int(FLAGS.step) if FLAGS.step and FLAGS.step.isdigit() else FLAGS.step
+        export(FLAGS.checkpoint, FLAGS.out, FLAGS.layout, step, FLAGS.overwrite, FLAGS.bare)
     except (ConversionError, LayoutError, WeightsNotFound, io.WeightsFileError,
             FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -57,7 +62,8 @@ def define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("checkpoint", None, "Training workdir or fine_jax weights checkpoint.")
-    flags.DEFINE_integer("step", None, "Step of a training workdir (default: the latest).")
+    flags.DEFINE_string("step", None, "Step of a training workdir: a number, best or latest "
+                        "(default: the latest).")
     flags.DEFINE_string("out", None, "The .pth file to write.")
     flags.DEFINE_enum("layout", None, list(EXPORT_LAYOUTS),
                       "Reference layout (default: the converted-from layout, else pretrain).")
