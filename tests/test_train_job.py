@@ -222,3 +222,17 @@ def test_every_named_size_is_selectable_by_name():
                 assert c.model.hidden_size == 64 and c.model.vision_depth == 2
     with pytest.raises(config_lib.ConfigError, match="unknown model size 'huge'"):
         config_lib.load_config_file(REPO / "configs" / "demo.py", "huge")
+
+
+def test_itm_reranking_is_reported_under_its_own_keys(stage1, tmp_path):
+    workdir, c, results = stage1
+    c = c.copy_and_resolve_references()
+    c.eval.itm_rerank_k = 3
+    scored = evaluate.evaluate(c, workdir, out=tmp_path / "ev", log=lambda *_: None)
+    for key in EVAL_KEYS:  # the contrastive results are unchanged
+        assert scored[key] == pytest.approx(results[key]), key
+    for group in ("full_itm", "sample100_itm", "twin_itm"):
+        assert any(k.startswith(group + "/") for k in scored), group
+    # Re-ranking reorders within the top 3 only: R@10 cannot change, R@1 and R@5 can.
+    assert scored["full_itm/i2t_r10"] == pytest.approx(results["full/i2t_r10"])
+    assert scored["full_itm/t2i_r10"] == pytest.approx(results["full/t2i_r10"])
