@@ -10,7 +10,7 @@ rows are read.
 
 Off by default; configs/demo.py runs 600 steps at a peak learning rate of 1e-3. On the embedded
 demo the ViT then learns the silhouette that the contrastive objective from random weights never
-picks up (configs/demo.py gives the measurements).
+picks up (the README gives the measurements).
 """
 from __future__ import annotations
 

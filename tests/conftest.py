@@ -8,6 +8,19 @@ import pytest
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per test process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def pytest_configure(config):
+    """A compilation cache shared by the tests of one run: many tests build the same tiny step,
+    and compiling it is most of their time. Subprocesses the tests start inherit it."""
+    import tempfile
+
+    import jax
+
+    cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                  tempfile.mkdtemp(prefix="fine_jax_test_xla_cache_"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from fine_jax import datasets
 from fine_jax.data import fashioniq as fiq_ops
 from fine_jax.data import image as image_ops
-from fine_jax.data import pipeline
+from fine_jax.data import pipeline, samplers
 from fine_jax.eval import rerank, retrieval, tgir
 from fine_jax.eval.embed import Embedder, timed
 from fine_jax.eval.results import group
@@ -81,12 +81,11 @@ class FashionGenEvaluator:
     def __post_init__(self):
         self._cache = _Cache(self.eval_cfg.batch_size)
         self.vocab_size = self.tokenizer.vocab_size
-        meta = self.source.metadata()
-        self.img_product = np.asarray(self.source.row_product_index, np.int64)
-        self.img_subcategory = list(meta["subcategory"])
-        self.product_ids = [int(pid) for pid, _ in self.source.productid_list]
-        descriptions = [meta["description"][r] for r in self.source.product_first_rows()]
-        self.texts = pipeline.eval_texts(descriptions, self.tokenizer, self.max_len)
+        split = samplers.eval_set(self.source)
+        self.img_product = split.image_product
+        self.img_subcategory = split.image_subcategory
+        self.product_ids = split.product_ids
+        self.texts = pipeline.eval_texts(split.descriptions, self.tokenizer, self.max_len)
 
     def embed(self, model, params, mesh, log):
         embedder, fns = self._cache.get(model, mesh)
