@@ -236,3 +236,33 @@ def test_itm_reranking_is_reported_under_its_own_keys(stage1, tmp_path):
     # Re-ranking reorders within the top 3 only: R@10 cannot change, R@1 and R@5 can.
     assert scored["full_itm/i2t_r10"] == pytest.approx(results["full/i2t_r10"])
     assert scored["full_itm/t2i_r10"] == pytest.approx(results["full/t2i_r10"])
+
+
+@pytest.mark.parametrize("config_file", ["fashiongen.py", "fashiongen_retrieval.py",
+                                         "fashioniq_tgir.py"])
+def test_reference_configs_run_on_small_data_in_the_real_layouts(config_file, tmp_path):
+    """The reference configs at the tiny size, on a FashionGen release / FashionIQ folder the test
+    writes: two steps, a checkpoint, an evaluation with the stage's protocols."""
+    from test_data_fashioniq import WORDS, write_fashioniq
+    from test_data_sources import write_release
+
+    from fine_jax.data.text import SYMBOL_TOKENS
+
+    c = config_lib.load_config_file(REPO / "configs" / config_file, "tiny")
+    if c.stage == "tgir":
+        root = write_fashioniq(tmp_path / "fiq")
+        (root / "vocab.txt").write_text("\n".join(["[PAD]", *SYMBOL_TOKENS, "[UNK]", "[CLS]",
+                                                   "[SEP]", "[MASK]", *WORDS]) + "\n")
+    else:
+        root = write_release(tmp_path / "fg", n_train=12, n_val=8)
+    c.data.data_dir = str(root)
+    c.data.lexicon = "none"  # no WordNet files on the test machine
+    c.model.vocab_size = 0
+    c.train.update(global_batch_size=4, max_steps=2, log_every=1)
+    c.loss.queue_size = 32
+    c.eval.update(batch_size=8, sample100_queries=5, sample100_negatives=3, sample100_draws=2)
+    results = trainer.run(c, str(tmp_path / "wd"))
+    assert (tmp_path / "wd" / "checkpoints" / "2").is_dir()
+    criterion = json.loads((tmp_path / "wd" / "eval_results.json").read_text())["criterion"]
+    assert criterion == ("tgir/select" if c.stage == "tgir" else "full/sum")
+    assert np.isfinite(results[criterion])
