@@ -32,6 +32,11 @@ from fine_jax.eval.embed import Embedder, timed
 from fine_jax.eval.results import group
 from fine_jax.models.fine import FashionFINE
 
+def _as_numbers(results: dict) -> dict:
+    """Plain floats for JSON, counts (numbers of queries, ties, k) kept as ints."""
+    return {k: int(v) if isinstance(v, (int, np.integer)) else float(v) for k, v in results.items()}
+
+
 FASHIONGEN_GROUPS = ("full", "sample100", "sample100_mean", "sample100_std", "sample100_clean",
                      "twin", "full_itm", "sample100_itm", "twin_itm")
 
@@ -116,7 +121,7 @@ class FashionGenEvaluator:
         if e.itm_rerank_k:
             with timed(log, f"ITM re-ranking of the top {e.itm_rerank_k}"):
                 results.update(self._rerank(model, params, mesh, z_v, z_t, out_dir, log))
-        return {k: float(v) for k, v in results.items()}
+        return _as_numbers(results)
 
     def report(self, results: dict) -> str:
         return retrieval.format_report(group(results, FASHIONGEN_GROUPS))
@@ -212,7 +217,7 @@ class FashionIQEvaluator:
                 f = embedder(fns["embed_tgir_queries"], p, queries(),
                              pad_values=[0, self.tokenizer.pad_id, 1])
                 per_category[cat] = tgir.tgir_protocol(f, gallery, vs.labels, mesh=mesh)
-        return {k: float(v) for k, v in tgir.tgir_report(per_category).items()}
+        return _as_numbers(tgir.tgir_report(per_category))
 
     def report(self, results: dict) -> str:
         lines = ["category   R@1    R@5   R@10   R@50"]
