@@ -19,6 +19,7 @@ def get_config(size=None):
     c.init.vit_pretrain_steps = 0
     c.loss.scratch_warmup_steps = 0
     c.loss.scratch_warmup_maa_keys = False
+    c.loss.w_itc = 1.0  # the reference's weight (stage 1's demo raises it)
     c.train.global_batch_size = 32
     c.loss.queue_size = 1024
     c.optim.update(dict(lr=1e-4, warmup_lr=1e-5, min_lr=1e-6, warmup_units=1, warmup_unit_iters=10,

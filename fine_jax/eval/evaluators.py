@@ -21,6 +21,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import jax
 import numpy as np
 
 from fine_jax import datasets
@@ -109,10 +110,12 @@ class FashionGenEvaluator:
         z_v, z_t = self.embed(model, params, mesh, log)
         e = self.eval_cfg
         out_dir = pathlib.Path(out_dir)
+        # Every process draws the same sets (a fixed seed); only process 0 writes the file.
+        saved = out_dir / "sample100_candidates.json" if jax.process_index() == 0 else None
         with timed(log, "scored the retrieval protocols"):
             results = retrieval.fashiongen_protocols(
                 z_v, z_t, self.img_product, self.img_subcategory, self.product_ids,
-                candidates_path=out_dir / "sample100_candidates.json", seed=e.sample100_seed,
+                candidates_path=saved, seed=e.sample100_seed,
                 n_draws=e.sample100_draws, n_queries=e.sample100_queries,
                 n_neg=e.sample100_negatives, mesh=mesh)
             pairs = self._twin_pairs()
