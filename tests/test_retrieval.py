@@ -513,3 +513,103 @@ def test_reference_keys_and_report():
     assert lines[2].startswith("full") and "33.33" in lines[2] and "r_mean=" in lines[2]
     assert lines[3].startswith("twin") and "i2t_acc=75.00" in lines[3]
     assert R.format_report(full).splitlines()[2].startswith("results")
+
+
+# ----------------------------------------------------------------------------------------------
+# cleaned sample-100, several draws, saved sets
+
+
+def test_sample100_default_is_the_reference_draw_unchanged():
+    img_product, img_sub, ids = make_catalogue([150, 40, 30], seed=5, mixed=3)
+    a = R.sample100_candidates(img_product, img_sub, ids, n_queries=80)
+    b = R.sample100_candidates(img_product, img_sub, ids, n_queries=80, n_neg=100, clean=False)
+    assert json.dumps(a) == json.dumps(b)
+    assert "clean" not in a and a["n_neg"] == 100
+    assert list(a) == ["format", "seed", "n_queries", "n_neg", "n_images", "n_products",
+                       "reference_ids", "i2t", "t2i"]
+
+
+@pytest.mark.parametrize("mixed", [0, 6])
+def test_sample100_clean_variant(mixed):
+    # Small subcategories force the fallback, where the reference T2I re-adds the positive (B6).
+    img_product, img_sub, ids = make_catalogue([150, 40, 30, 3], seed=5, mixed=mixed)
+    ref = R.sample100_candidates(img_product, img_sub, ids, n_queries=1000)
+    c = R.sample100_candidates(img_product, img_sub, ids, n_queries=1000, clean=True)
+    assert c["clean"] is True and c["n_neg"] == 99
+    assert [q[2] for q in c["i2t"]] == [q[2] for q in ref["i2t"]]  # same first shuffle
+    subs_of = {}
+    for p, s in zip(img_product, img_sub):
+        subs_of.setdefault(int(p), set()).add(s)
+    for img, cand, pos in c["i2t"]:
+        assert len(cand) == 100 and cand[-1] == pos == img_product[img]
+        assert pos not in cand[:-1] and len(set(cand[:-1])) == 99
+    for txt, cand, pos in c["t2i"]:
+        assert len(cand) == 100 and cand[-1] == pos and img_product[pos] == txt
+        neg_products = [int(img_product[i]) for i in cand[:-1]]
+        assert txt not in neg_products and len(set(neg_products)) == 99
+    if mixed == 0:
+        # The reference does re-add the positive product here; the cleaned draw never does.
+        assert any(txt in [int(img_product[i]) for i in cand[:-1]] for txt, cand, _ in ref["t2i"])
+
+
+def test_sample100_clean_without_enough_products_uses_all():
+    img_product, img_sub, ids = make_catalogue([40, 20], seed=8)
+    c = R.sample100_candidates(img_product, img_sub, ids, n_queries=1000, clean=True)
+    for txt, cand, pos in c["t2i"]:
+        assert sorted(int(img_product[i]) for i in cand[:-1]) == sorted(set(range(60)) - {txt})
+
+
+def test_sample100_draws_and_mean_std():
+    img_product, img_sub, ids = make_catalogue([120, 40], seed=2)
+    draws = R.sample100_draws(img_product, img_sub, ids, n_queries=20)
+    assert [d["seed"] for d in draws] == [66, 67, 68, 69, 70]
+    assert draws[0] == R.sample100_candidates(img_product, img_sub, ids, n_queries=20)
+    runs = [{"i2t_r1": v, "sum": 2 * v} for v in (10.0, 20.0, 30.0, 40.0, 50.0)]
+    mean, std = R.mean_std(runs, keys=("i2t_r1", "sum"))
+    assert mean == {"i2t_r1": 30.0, "sum": 60.0}
+    assert std["i2t_r1"] == pytest.approx(np.sqrt(250.0))  # sample std: divisor n - 1
+    assert R.mean_std(runs, keys=("i2t_r1",), ddof=0)[1]["i2t_r1"] == pytest.approx(np.sqrt(200))
+    assert np.isnan(R.mean_std(runs[:1], keys=("sum",))[1]["sum"])
+
+
+def test_load_or_draw_candidates(tmp_path, monkeypatch):
+    img_product, img_sub, ids = make_catalogue([120, 30], seed=9)
+    path = tmp_path / "sample100_candidates.json"
+    calls = []
+    draw = R.sample100_candidates
+    monkeypatch.setattr(R, "sample100_candidates", lambda *a, **k: calls.append(k) or draw(*a, **k))
+    kw = dict(seed=66, n_queries=15, n_neg=10)
+    a = R.load_or_draw_candidates(path, img_product, img_sub, ids, **kw)
+    assert path.is_file() and len(calls) == 1
+    assert R.load_or_draw_candidates(path, img_product, img_sub, ids, **kw) == a
+    assert len(calls) == 1  # reused
+    for change in (dict(seed=67), dict(n_queries=16), dict(n_neg=9)):
+        R.load_or_draw_candidates(path, img_product, img_sub, ids, **{**kw, **change})
+    assert len(calls) == 4 and R.load_candidates(path)["n_neg"] == 9
+    R.load_or_draw_candidates(path, img_product[:-1], img_sub[:-1], ids, **kw)
+    assert len(calls) == 5  # another split (one image fewer)
+    # The cleaned sets never pass for the reference ones and vice versa.
+    c = R.load_or_draw_candidates(path, img_product, img_sub, ids, clean=True, **kw)
+    assert len(calls) == 6 and c["clean"]
+    R.load_or_draw_candidates(path, img_product, img_sub, ids, **kw)
+    assert len(calls) == 7
+    path.write_text("not json")
+    R.load_or_draw_candidates(path, img_product, img_sub, ids, **kw)
+    assert len(calls) == 8 and R.load_candidates(path) == a
+    assert R.load_or_draw_candidates(None, img_product, img_sub, ids, **kw) == a
+
+
+def test_clean_candidates_file():
+    assert R.clean_candidates_file("/w/sample100_candidates.json") == \
+        os.path.join("/w", "sample100_clean_candidates.json")
+    assert R.clean_candidates_file("cands.json") == "cands_clean.json"
+
+
+def test_metrics_helpers_match_protocols():
+    sim, img_product = hand_made()
+    ri, ti = R.i2t_ranks(sim, img_product)
+    rt, tt = R.t2i_ranks(sim, img_product)
+    assert R.full_metrics(ri, rt, ti, tt) == R.full_protocol(sim, img_product)
+    assert "i2t_tied" not in R.full_metrics(ri, rt)
+    m = R.sample100_metrics(np.array([0, 3, 12]), np.array([0, 0]))
+    assert m["i2t_r1"] == pytest.approx(100 / 3) and m["t2i_r10"] == 100.0 and m["n_i2t"] == 3

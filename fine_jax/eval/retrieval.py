@@ -29,6 +29,12 @@ matters (duplicate captions give exactly equal text embeddings).
 
 Reference key names (``itm_eval``): ``txt_r*`` = I2T, ``img_r*`` = T2I, ``tiny_*`` = sample-100;
 see :data:`REFERENCE_KEYS` and :func:`to_reference_keys`.
+
+Beyond the reference draw: :func:`sample100_candidates` ``clean=True`` draws the cleaned
+FashionBERT-style variant (B6), :func:`sample100_draws` / :func:`mean_std` give the spread over
+several seeds, and :func:`load_or_draw_candidates` keeps a draw on disk. The same protocols on
+the devices, from the embeddings and without the full matrix, are in :mod:`fine_jax.eval.fast`;
+:func:`fashiongen_protocols` runs all of them there.
 """
 from __future__ import annotations
 
@@ -46,9 +52,16 @@ __all__ = [
     "t2i_ranks",
     "recall_at",
     "full_protocol",
+    "full_metrics",
+    "sample100_metrics",
     "sample100_candidates",
     "save_candidates",
     "load_candidates",
+    "load_or_draw_candidates",
+    "clean_candidates_file",
+    "sample100_draws",
+    "mean_std",
+    "fashiongen_protocols",
     "sample100_protocol",
     "twin_protocol",
     "to_reference_keys",
@@ -59,6 +72,15 @@ _TIES = ("argsort", "optimistic", "pessimistic")
 # itm_eval initialises a text's best rank to 100000, so a product without images never counts as hit.
 _NO_POSITIVE_RANK = 100000
 CANDIDATES_FORMAT = "fine_jax.sample100.v1"
+
+# Negatives per query: the reference's draw (101 candidates) and the cleaned FashionBERT-style one
+# (1 positive + 99 negatives).
+REFERENCE_NEGATIVES = 100
+CLEAN_NEGATIVES = 99
+# The reference's seed and the default number of draws for the mean and spread of sample-100.
+REFERENCE_SEED = 66
+N_DRAWS = 5
+SAMPLE100_RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "sum")
 
 # Our key -> key of the reference's eval_result dict, per protocol.
 REFERENCE_KEYS: dict[str, dict[str, str]] = {
@@ -208,18 +230,46 @@ def full_protocol(sim: np.ndarray, img_product: np.ndarray, *, chunk_size: int =
     """
     ri, tied_i = i2t_ranks(sim, img_product, chunk_size=chunk_size, ties=ties)
     rt, tied_t = t2i_ranks(sim, img_product, chunk_size=chunk_size, ties=ties)
-    tr1, tr5, tr10 = _recalls(ri)
-    ir1, ir5, ir10 = _recalls(rt)
-    return {
+    return full_metrics(ri, rt, tied_i, tied_t)
+
+
+def full_metrics(ranks_i2t: np.ndarray, ranks_t2i: np.ndarray, i2t_tied: int | None = None,
+                 t2i_tied: int | None = None) -> dict[str, float]:
+    """The full protocol's dict from 0-based ranks (``itm_eval``'s formulas and their order)."""
+    tr1, tr5, tr10 = _recalls(ranks_i2t)
+    ir1, ir5, ir10 = _recalls(ranks_t2i)
+    out = {
         "i2t_r1": tr1, "i2t_r5": tr5, "i2t_r10": tr10,
         "t2i_r1": ir1, "t2i_r5": ir5, "t2i_r10": ir10,
         "i2t_mean": (tr1 + tr5 + tr10) / 3,
         "t2i_mean": (ir1 + ir5 + ir10) / 3,
         "r_mean": (tr1 + ir1) / 2,
         "sum": tr1 + tr5 + tr10 + ir1 + ir5 + ir10,
-        "n_i2t": int(len(ri)), "n_t2i": int(len(rt)),
-        "i2t_tied": int(tied_i), "t2i_tied": int(tied_t),
+        "n_i2t": int(len(ranks_i2t)), "n_t2i": int(len(ranks_t2i)),
     }
+    if i2t_tied is not None:
+        out["i2t_tied"] = int(i2t_tied)
+    if t2i_tied is not None:
+        out["t2i_tied"] = int(t2i_tied)
+    return out
+
+
+def sample100_metrics(ranks_i2t: np.ndarray, ranks_t2i: np.ndarray, i2t_tied: int | None = None,
+                      t2i_tied: int | None = None) -> dict[str, float]:
+    """The sample-100 protocol's dict from 0-based ranks of the positive among its candidates."""
+    tr1, tr5, tr10 = _recalls(np.asarray(ranks_i2t))
+    ir1, ir5, ir10 = _recalls(np.asarray(ranks_t2i))
+    out = {
+        "i2t_r1": tr1, "i2t_r5": tr5, "i2t_r10": tr10,
+        "t2i_r1": ir1, "t2i_r5": ir5, "t2i_r10": ir10,
+        "sum": tr1 + tr5 + tr10 + ir1 + ir5 + ir10,
+        "n_i2t": len(ranks_i2t), "n_t2i": len(ranks_t2i),
+    }
+    if i2t_tied is not None:
+        out["i2t_tied"] = int(i2t_tied)
+    if t2i_tied is not None:
+        out["t2i_tied"] = int(t2i_tied)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +278,8 @@ def full_protocol(sim: np.ndarray, img_product: np.ndarray, *, chunk_size: int =
 
 def sample100_candidates(img_product: Sequence[int], img_subcategory: Sequence[Hashable],
                          product_ids_order: Sequence[int] | None = None, seed: int = 66,
-                         n_queries: int = 1000, n_neg: int = 100) -> dict[str, Any]:
+                         n_queries: int = 1000, n_neg: int | None = None,
+                         clean: bool = False) -> dict[str, Any]:
     """Draw the sample-100 candidate sets exactly as the reference's eval-only run does.
 
     Mirrors FashionSAP ``get_i2t_test`` then ``get_t2i_test`` after ``random.seed(seed)``: same
@@ -258,10 +309,22 @@ def sample100_candidates(img_product: Sequence[int], img_subcategory: Sequence[H
     A private ``random.Random(seed)`` replaces the global generator; it yields the same stream as
     ``random.seed(seed)`` followed by the module-level functions, without disturbing global state.
 
+    ``clean=True`` draws the *cleaned* variant (B6), which is not the reference's protocol but the
+    FashionBERT one: ``n_neg`` defaults to 99 (99 negatives + the positive = 100 candidates), T2I
+    removes the own subcategory from the fallback list as I2T does, and in both directions the
+    query's own product is dropped from the negative pool wherever it appears (a product with
+    images in several subcategories) and the pool holds each product once, so the negatives are
+    distinct products other than the query's. The random calls keep the reference's structure
+    (the I2T query products, drawn first, are the reference draw's for the same seed; the rest
+    diverges). The returned dict then carries ``"clean": True``; the default draw is unchanged
+    (no such key).
+
     Returns a JSON-serialisable dict with ``"i2t"``: ``[image, [product candidates], product]``
     and ``"t2i"``: ``[product, [image candidates], image]`` per query; the positive is always the
     *last* candidate, which is the position the reference scores (``inds == 100``).
     """
+    if n_neg is None:
+        n_neg = CLEAN_NEGATIVES if clean else REFERENCE_NEGATIVES
     img_product = [int(p) for p in np.asarray(img_product).reshape(-1)]
     img_subcategory = list(img_subcategory)
     if len(img_subcategory) != len(img_product):
@@ -300,8 +363,18 @@ def sample100_candidates(img_product: Sequence[int], img_subcategory: Sequence[H
     def negatives(p: int, sub: Hashable, subcates: list) -> list[int]:
         neg = list(subcate_map[sub])
         neg.remove(p)
-        while len(neg) < n_neg and subcates:
-            neg.extend(subcate_map[subcates.pop()])
+        if clean:
+            # Order-preserving, so the pool (and the draw) does not depend on set iteration.
+            seen = set(neg)
+            seen.add(p)
+            while len(neg) < n_neg and subcates:
+                for q in subcate_map[subcates.pop()]:
+                    if q not in seen:
+                        seen.add(q)
+                        neg.append(q)
+        else:
+            while len(neg) < n_neg and subcates:
+                neg.extend(subcate_map[subcates.pop()])
         return rng.sample(neg, min(n_neg, len(neg)))
 
     # get_i2t_test
@@ -326,11 +399,13 @@ def sample100_candidates(img_product: Sequence[int], img_subcategory: Sequence[H
         rng.shuffle(subcates)
         pos_img = rng.choice(product_images[p])
         sub = img_subcategory[pos_img]
+        if clean:
+            subcates.remove(sub)
         neg = negatives(p, sub, subcates)
         neg_imgs = [rng.choice(product_images[q]) for q in neg]
         t2i.append([p, neg_imgs + [pos_img], pos_img])
 
-    return {
+    out = {
         "format": CANDIDATES_FORMAT,
         "seed": seed,
         "n_queries": n_queries,
@@ -338,9 +413,12 @@ def sample100_candidates(img_product: Sequence[int], img_subcategory: Sequence[H
         "n_images": len(img_product),
         "n_products": n_products,
         "reference_ids": product_ids_order is not None,
-        "i2t": i2t,
-        "t2i": t2i,
     }
+    if clean:
+        out["clean"] = True
+    out["i2t"] = i2t
+    out["t2i"] = t2i
+    return out
 
 
 def save_candidates(path: str | os.PathLike, cands: Mapping[str, Any]) -> None:
@@ -368,6 +446,111 @@ def load_candidates(path: str | os.PathLike) -> dict[str, Any]:
     if cands.get("format") != CANDIDATES_FORMAT:
         raise ValueError(f"{path}: not a {CANDIDATES_FORMAT} candidate file")
     return cands
+
+
+def _candidates_match(cands: Mapping[str, Any], n_images: int, n_products: int, seed: int,
+                      n_queries: int, n_neg: int, clean: bool, reference_ids: bool) -> bool:
+    return (cands.get("n_images") == n_images and cands.get("n_products") == n_products
+            and cands.get("seed") == seed and cands.get("n_queries") == n_queries
+            and cands.get("n_neg") == n_neg and bool(cands.get("clean", False)) == bool(clean)
+            and bool(cands.get("reference_ids")) == reference_ids)
+
+
+def load_or_draw_candidates(path: str | os.PathLike | None, img_product: Sequence[int],
+                            img_subcategory: Sequence[Hashable],
+                            product_ids: Sequence[int] | None, seed: int = REFERENCE_SEED,
+                            n_queries: int = 1000, n_neg: int | None = None,
+                            clean: bool = False) -> dict[str, Any]:
+    """The saved candidate sets at ``path`` if they were drawn for this split and these settings,
+    else a fresh :func:`sample100_candidates` draw, saved to ``path`` (overwriting a stale file).
+
+    "This split and these settings" means the same number of images and products, seed,
+    ``n_queries``, ``n_neg``, variant (``clean``) and whether real product ids were given. An
+    unreadable file is redrawn too. ``path=None`` draws without saving. Drawing once and reusing
+    the file keeps every later evaluation on the same sets (B6).
+    """
+    if n_neg is None:
+        n_neg = CLEAN_NEGATIVES if clean else REFERENCE_NEGATIVES
+    n_images = int(np.asarray(img_product).size)
+    n_products = (len(product_ids) if product_ids is not None
+                  else (int(np.max(img_product)) + 1 if n_images else 0))
+    if path is not None and os.path.isfile(path):
+        try:
+            cands = load_candidates(path)
+        except (ValueError, OSError):
+            cands = None
+        if cands is not None and _candidates_match(cands, n_images, n_products, seed, n_queries,
+                                                   n_neg, clean, product_ids is not None):
+            return cands
+    cands = sample100_candidates(img_product, img_subcategory, product_ids_order=product_ids,
+                                 seed=seed, n_queries=n_queries, n_neg=n_neg, clean=clean)
+    if path is not None:
+        save_candidates(path, cands)
+    return cands
+
+
+def clean_candidates_file(path: str | os.PathLike) -> str:
+    """Where the cleaned sets live beside the reference ones: ``.../sample100_candidates.json``
+    -> ``.../sample100_clean_candidates.json`` (other names get ``_clean`` before the suffix)."""
+    folder, name = os.path.split(os.fspath(path))
+    if "sample100_candidates" in name:
+        name = name.replace("sample100_candidates", "sample100_clean_candidates", 1)
+    else:
+        stem, ext = os.path.splitext(name)
+        name = f"{stem}_clean{ext}"
+    return os.path.join(folder, name)
+
+
+def sample100_draws(img_product: Sequence[int], img_subcategory: Sequence[Hashable],
+                    product_ids_order: Sequence[int] | None = None,
+                    seeds: Iterable[int] = tuple(range(REFERENCE_SEED, REFERENCE_SEED + N_DRAWS)),
+                    n_queries: int = 1000, n_neg: int | None = None,
+                    clean: bool = False) -> list[dict[str, Any]]:
+    """One :func:`sample100_candidates` draw per seed (default 66..70, the reference seed first)."""
+    return [sample100_candidates(img_product, img_subcategory, product_ids_order, seed=int(s),
+                                 n_queries=n_queries, n_neg=n_neg, clean=clean) for s in seeds]
+
+
+def mean_std(results: Sequence[Mapping[str, float]],
+             keys: Sequence[str] = SAMPLE100_RECALL_KEYS,
+             ddof: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and standard deviation of each key over several draws' results.
+
+    The spread is the *sample* standard deviation (``ddof=1``, divisor n - 1): the draws are a
+    sample of the protocol's possible candidate sets, and this estimates how much one draw's
+    number moves from draw to draw. With a single draw it is NaN. Pass ``ddof=0`` for the
+    population convention.
+    """
+    if not results:
+        raise ValueError("mean_std needs at least one result")
+    mean, std = {}, {}
+    for k in keys:
+        v = np.asarray([float(r[k]) for r in results], dtype=np.float64)
+        mean[k] = float(v.mean())
+        std[k] = float(v.std(ddof=ddof)) if len(v) > ddof else float("nan")
+    return mean, std
+
+
+def fashiongen_protocols(z_v, z_t, img_product: Sequence[int],
+                         img_subcategory: Sequence[Hashable], product_ids: Sequence[int] | None,
+                         *, candidates_path: str | os.PathLike | None = None,
+                         clean_candidates_path: str | os.PathLike | None = None,
+                         seed: int = REFERENCE_SEED, n_draws: int = N_DRAWS,
+                         n_queries: int = 1000, n_neg: int = REFERENCE_NEGATIVES,
+                         clean_n_neg: int | None = None, mesh=None,
+                         axis_names: Sequence[str] = ("data",), **block_kw) -> dict[str, float]:
+    """Every FashionGen protocol on the devices, as one flat dict (values in percent).
+
+    Thin wrapper of :func:`fine_jax.eval.fast.fashiongen_protocols` (imported lazily, so this
+    module stays NumPy-only); see there for the keys.
+    """
+    from fine_jax.eval import fast
+
+    return fast.fashiongen_protocols(
+        z_v, z_t, img_product, img_subcategory, product_ids, candidates_path=candidates_path,
+        clean_candidates_path=clean_candidates_path, seed=seed, n_draws=n_draws,
+        n_queries=n_queries, n_neg=n_neg, clean_n_neg=clean_n_neg, mesh=mesh,
+        axis_names=axis_names, **block_kw)
 
 
 def sample100_protocol(sim: np.ndarray, cands: Mapping[str, Any], *,
@@ -403,14 +586,7 @@ def sample100_protocol(sim: np.ndarray, cands: Mapping[str, Any], *,
         if cand[-1] != pos:
             raise ValueError("the positive must be the last T2I candidate")
         rt.append(rank(np.asarray(sim[cand, txt], dtype=np.float64)))
-    tr1, tr5, tr10 = _recalls(np.asarray(ri))
-    ir1, ir5, ir10 = _recalls(np.asarray(rt))
-    return {
-        "i2t_r1": tr1, "i2t_r5": tr5, "i2t_r10": tr10,
-        "t2i_r1": ir1, "t2i_r5": ir5, "t2i_r10": ir10,
-        "sum": tr1 + tr5 + tr10 + ir1 + ir5 + ir10,
-        "n_i2t": len(ri), "n_t2i": len(rt),
-    }
+    return sample100_metrics(np.asarray(ri), np.asarray(rt))
 
 
 # ----------------------------------------------------------------------------------------------
