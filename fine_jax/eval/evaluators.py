@@ -13,7 +13,10 @@ by, as the reference selects ``checkpoint_best.pth`` (method_spec §7.3).
   ``full/sum``.
 * :class:`FashionIQEvaluator` (stage 3): per category, the query features f(reference image,
   modification text) against the CLS features of that category's gallery; R@1/5/10/50 per
-  category and averaged. Criterion: ``tgir/select`` = sum over the categories of R@10 + R@50.
+  category and averaged, under ``tgir/`` for the configured gallery (``eval.tgir_gallery``: the
+  reference's ``val`` gallery by default) and under ``tgir_split/`` (or ``tgir_val/``) for the
+  other one when the folder has its files. Criterion: ``tgir/select`` = sum over the categories of
+  R@10 + R@50.
 """
 from __future__ import annotations
 
@@ -194,39 +197,58 @@ class FashionIQEvaluator:
     def __post_init__(self):
         self._cache = _Cache(self.eval_cfg.batch_size)
         self.vocab_size = self.tokenizer.vocab_size
-        self.val_sets = {c: self.fiq.val_set(c, self.eval_cfg.tgir_gallery)
-                         for c in self.categories}
+        # The configured gallery is reported under tgir/ and selects the best checkpoint; the
+        # other one, when the folder has what it needs, is reported beside it.
+        main = self.eval_cfg.tgir_gallery
+        other = "split" if main == "val" else "val"
+        self.galleries = {"tgir": {c: self.fiq.val_set(c, main) for c in self.categories}}
+        self.skipped = None
+        try:
+            self.galleries[f"tgir_{other}"] = {c: self.fiq.val_set(c, other)
+                                               for c in self.categories}
+        except (FileNotFoundError, fiq_ops.FashionIQError) as e:
+            self.skipped = f"the {other!r} gallery is not reported: {e}"
 
     def __call__(self, model, params, mesh, out_dir, log=print) -> dict:
         embedder, fns = self._cache.get(model, mesh)
         p = embedder.params(params)
-        size = model.config.image_size
-        bs = embedder.batch_size
-        per_category = {}
-        for cat, vs in self.val_sets.items():
-            with timed(log, f"FashionIQ {cat}: {len(vs.texts)} queries, {len(vs.gallery)} images"):
-                gallery = embedder(fns["embed_gallery"], p, (
-                    (b["image"],) for b in pipeline.fashioniq_image_batches(
-                        self.fiq, vs.gallery, size, bs)))
-                texts = pipeline.tgir_texts(vs.captions, self.tokenizer, self.max_len)
-                refs = [vs.gallery[r] for r in vs.labels[:, 1]]
+        if self.skipped:
+            log(self.skipped)
+        results = {}
+        for prefix, val_sets in self.galleries.items():
+            per_category = {cat: self._category(embedder, fns, p, model, vs, mesh, log)
+                            for cat, vs in val_sets.items()}
+            report = tgir.tgir_report(per_category)
+            results.update({prefix + k[len("tgir"):]: v for k, v in report.items()})
+        return _as_numbers(results)
 
-                def queries():
-                    for s, b in zip(range(0, len(refs), bs),
-                                    pipeline.fashioniq_image_batches(self.fiq, refs, size, bs)):
-                        yield (b["image"], texts["input_ids"][s:s + bs],
-                               texts["attention_mask"][s:s + bs])
+    def _category(self, embedder, fns, p, model, vs, mesh, log) -> dict:
+        size, bs = model.config.image_size, embedder.batch_size
+        with timed(log, f"FashionIQ {vs.category} ({vs.gallery_kind} gallery): {len(vs.texts)} "
+                        f"queries, {len(vs.gallery)} images"):
+            gallery = embedder(fns["embed_gallery"], p, (
+                (b["image"],) for b in pipeline.fashioniq_image_batches(
+                    self.fiq, vs.gallery, size, bs)))
+            texts = pipeline.tgir_texts(vs.captions, self.tokenizer, self.max_len)
+            refs = [vs.gallery[r] for r in vs.labels[:, 1]]
 
-                f = embedder(fns["embed_tgir_queries"], p, queries(),
-                             pad_values=[0, self.tokenizer.pad_id, 1])
-                per_category[cat] = tgir.tgir_protocol(f, gallery, vs.labels, mesh=mesh)
-        return _as_numbers(tgir.tgir_report(per_category))
+            def queries():
+                for s, b in zip(range(0, len(refs), bs),
+                                pipeline.fashioniq_image_batches(self.fiq, refs, size, bs)):
+                    yield (b["image"], texts["input_ids"][s:s + bs],
+                           texts["attention_mask"][s:s + bs])
+
+            f = embedder(fns["embed_tgir_queries"], p, queries(),
+                         pad_values=[0, self.tokenizer.pad_id, 1])
+            return tgir.tgir_protocol(f, gallery, vs.labels, mesh=mesh)
 
     def report(self, results: dict) -> str:
-        lines = ["category   R@1    R@5   R@10   R@50"]
-        for cat in (*self.categories, "avg"):
-            r = {k.split("/")[-1]: v for k, v in results.items() if k.startswith(f"tgir/{cat}/")}
-            cells = [f"{r[m]:6.2f}" if m in r else "     -" for m in ("r1", "r5", "r10", "r50")]
-            lines.append(f"{cat:8s} " + " ".join(cells))
+        lines = ["gallery  category    R@1    R@5   R@10   R@50"]
+        for prefix in self.galleries:
+            for cat in (*self.categories, "avg"):
+                r = {k.split("/")[-1]: v for k, v in results.items()
+                     if k.startswith(f"{prefix}/{cat}/")}
+                cells = [f"{r[m]:6.2f}" if m in r else "     -" for m in ("r1", "r5", "r10", "r50")]
+                lines.append(f"{prefix:8s} {cat:8s} " + " ".join(cells))
         return "\n".join(lines)
 
