@@ -49,8 +49,8 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
     c = loss_cfg
 
     def query(p, ref_states, ids, mask, r_txt, r_fuse, combine_params=None):
-        """f before normalisation's caller: Pt(fusion CLS); ``combine_params`` swaps in another
-        combine_text_proj (the reference's momentum query uses the online one)."""
+        """The query feature norm(Pt(fusion CLS)); ``combine_params`` swaps in another
+        combine_text_proj (the reference's momentum query uses the online one, B7)."""
         txt = apply(p, M.encode_text, ids, mask, deterministic=r_txt is None, rng=r_txt)
         fused = apply(p, M.fuse, txt, mask, ref_states, deterministic=r_fuse is None, rng=r_fuse)
         head = p if combine_params is None else {**p, "combine_text_proj": combine_params}
