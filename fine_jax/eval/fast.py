@@ -73,8 +73,8 @@ __all__ = [
     "topk_device",
 ]
 
-DEFAULT_BLOCK_ROWS = 1024
-DEFAULT_TILE_COLS = 1024
+DEFAULT_BLOCK_ROWS = 2048
+DEFAULT_TILE_COLS = 512
 # Counts are packed two to an int32 (greater | equal-or-NaN << 16), so a tile side must fit 16 bits.
 _PACK_SHIFT = 16
 _MAX_SIDE = (1 << _PACK_SHIFT) - 1
@@ -702,7 +702,7 @@ def evaluate(z_v, z_t, img_product, candidate_sets: Mapping[str, Mapping[str, An
     entries = None
     per_set = []
     if candidate_sets:
-        rows, cols, lens, offsets = [], [], [], []
+        rows, cols, lens = [], [], []
         for name, cands in candidate_sets.items():
             r, c, n, n_i2t = _candidate_entries(cands, lay.n_rows, lay.n_cols)
             per_set.append((name, sum(len(x) for x in lens), len(n), n_i2t))

@@ -94,8 +94,23 @@ def itm_loss_with_hard_negatives(apply, params, txt, mask, img, sim_i2t_b, sim_t
     return loss, fused[:b], (neg_image, neg_text)
 
 
-def step_metrics(metrics: dict, params, alpha, grads, schedule, step) -> dict:
+def momentum_global_features(apply, params, momentum, images, ids, mask, rng=None):
+    """g^m_v, g^m_t: the momentum towers' global CLS features, no MAA, no gradient (method_spec
+    §1.6); the momentum BERT draws its own dropout mask when ``rng`` is given (B15)."""
+    mparams = {**params, **momentum}
+    img_m = apply(mparams, FashionFINE.encode_image, images)
+    txt_m = apply(mparams, FashionFINE.encode_text, ids, mask, deterministic=rng is None, rng=rng)
+    return (jax.lax.stop_gradient(apply(mparams, FashionFINE.image_global, img_m)),
+            jax.lax.stop_gradient(apply(mparams, FashionFINE.text_global, txt_m)))
+
+
+def finish_step(state: dict, params, momentum, queues, grads, optimizer, metrics: dict, alpha,
+                schedule):
+    """The AdamW update after the loss and the enqueue; returns (new state, step metrics)."""
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "momentum": momentum, "opt_state": opt_state, "queues": queues}
     out = dict(metrics, temp=params["temp"], alpha=alpha, grad_norm=optax.tree.norm(grads))
     if schedule is not None:
-        out["lr"] = schedule(step)
-    return out
+        out["lr"] = schedule(state["step"])
+    return new_state, out

@@ -70,12 +70,8 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
             g_v_m, g_t_m = jax.lax.stop_gradient(g_v), jax.lax.stop_gradient(g_t)
         else:
             # Momentum features: global CLS only, no MAA; the momentum BERT runs with dropout (B15).
-            mparams = {**params, **momentum}
-            img_m = apply(mparams, M.encode_image, images)
-            txt_m = apply(mparams, M.encode_text, ids, mask, deterministic=r_txt_m is None,
-                          rng=r_txt_m)
-            g_v_m = jax.lax.stop_gradient(apply(mparams, M.image_global, img_m))
-            g_t_m = jax.lax.stop_gradient(apply(mparams, M.text_global, txt_m))
+            g_v_m, g_t_m = common.momentum_global_features(apply, params, momentum, images, ids,
+                                                           mask, r_txt_m)
 
         # Focal ITC with distillation against [local batch; queue] keys and product-id targets.
         temp = params["temp"]
@@ -134,10 +130,7 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
             params, momentum, state["queues"], batch, rng, alpha, queue_on)
         # Enqueue after the loss: the loss above saw the pre-step queue.
         queues = enqueue(state["queues"], g_v_m, g_t_m, batch["idx"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "momentum": momentum, "opt_state": opt_state, "queues": queues}
-        return new_state, common.step_metrics(metrics, params, alpha, grads, schedule,
-                                              state["step"])
+        return common.finish_step(state, params, momentum, queues, grads, optimizer, metrics,
+                                  alpha, schedule)
 
     return train_step

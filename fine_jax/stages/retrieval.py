@@ -54,11 +54,8 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         _, z_v, _ = apply(params, M.image_features, img)
         _, z_t, _ = apply(params, M.text_features, txt, mask)
 
-        mparams = {**params, **momentum}
-        img_m = apply(mparams, M.encode_image, images)
-        txt_m = apply(mparams, M.encode_text, ids, mask, deterministic=r_txt_m is None, rng=r_txt_m)
-        g_v_m = jax.lax.stop_gradient(apply(mparams, M.image_global, img_m))
-        g_t_m = jax.lax.stop_gradient(apply(mparams, M.text_global, txt_m))
+        g_v_m, g_t_m = common.momentum_global_features(apply, params, momentum, images, ids, mask,
+                                                       r_txt_m)
 
         temp = params["temp"]
         sim_i2t = common.sims_against_bank(z_v, g_t_m, queues["text"], temp)
@@ -91,10 +88,7 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
             params, momentum, state["queues"], batch, rng, alpha)
         idx = batch["idx"] if "idx" in state["queues"] else None
         queues = enqueue(state["queues"], g_v_m, g_t_m, idx)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "momentum": momentum, "opt_state": opt_state, "queues": queues}
-        return new_state, common.step_metrics(metrics, params, alpha, grads, schedule,
-                                              state["step"])
+        return common.finish_step(state, params, momentum, queues, grads, optimizer, metrics,
+                                  alpha, schedule)
 
     return train_step

@@ -101,10 +101,7 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         fusion, fusion_ptr = enqueue_rows(q["fusion"], q["fusion_ptr"], f_m)
         queues = {"image": image, "image_ptr": image_ptr, "fusion": fusion,
                   "fusion_ptr": fusion_ptr}
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "momentum": momentum, "opt_state": opt_state, "queues": queues}
-        return new_state, common.step_metrics(metrics, params, alpha, grads, schedule,
-                                              state["step"])
+        return common.finish_step(state, params, momentum, queues, grads, optimizer, metrics,
+                                  alpha, schedule)
 
     return train_step
