@@ -93,7 +93,7 @@ def test_block_and_tile_sizes_do_not_change_exact_results():
     img_product = catalogue(n_txt=60, seed=2)
     zv, zt = embeddings("exact", img_product)
     base = R.full_protocol(zv @ zt.T, img_product)
-    for block_rows, tile_cols in ((2, 1), (8, 7), (64, 60), (1024, 1024)):
+    for block_rows, tile_cols in ((2, 1), (8, 7), (1024, 1024)):
         got = fast.full_protocol(zv, zt, img_product, block_rows=block_rows, tile_cols=tile_cols)
         assert got == base, (block_rows, tile_cols)
 
@@ -321,8 +321,8 @@ _MULTI_DEVICE = textwrap.dedent("""
         meshes = {{
             "one": (Mesh(devs[:1], ("data",)), ("data",)),
             "flat": (Mesh(devs, ("data",)), ("data",)),
-            "2d": (Mesh(devs.reshape(4, 2), ("data", "fsdp")), ("data", "fsdp")),
-            "2d_data_only": (Mesh(devs.reshape(4, 2), ("data", "model")), ("data",)),
+            # two batch axes, and a third the protocols replicate over
+            "3d": (Mesh(devs.reshape(2, 2, 2), ("data", "fsdp", "model")), ("data", "fsdp")),
         }}
         for name, (mesh, axes) in meshes.items():
             kw = dict(mesh=mesh, axis_names=axes, **KW)
