@@ -53,7 +53,11 @@ def evaluate(cfg, checkpoint, out=None, step="best", log=print) -> dict:
         raise config_lib.ConfigError("the checkpoint does not fit the model config (sizes come "
                                      "from --config):\n  " + "\n  ".join(wrong[:20]))
     path = pathlib.Path(checkpoint).expanduser().absolute()
-    out = pathlib.Path(out).expanduser().absolute() if out else path
+    if out:
+        out = pathlib.Path(out).expanduser().absolute()
+    else:  # beside the checkpoint, never over a training run's own eval_results.json
+        out = path / "evaluation" / (f"step_{info['step']}" if info.get("step") is not None
+                                     else "weights")
     out.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
     results = evaluator(model, params, mesh, out, log)
@@ -83,7 +87,8 @@ def define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "A training workdir or a weights checkpoint.")
     flags.DEFINE_string("workdir", None, "Same as --checkpoint (a training workdir).")
     flags.DEFINE_string("step", "best", "best, latest, or a step number (training workdirs).")
-    flags.DEFINE_string("out", None, "Where to write eval_results.json (default: the checkpoint).")
+    flags.DEFINE_string("out", None, "Where to write eval_results.json (default: "
+                        "CHECKPOINT/evaluation/step_N, or .../weights for a weights checkpoint).")
     flags.mark_flags_as_required(["config"])
     flags.register_multi_flags_validator(
         ["checkpoint", "workdir"], lambda v: bool(v["checkpoint"] or v["workdir"]),

@@ -266,3 +266,12 @@ def test_reference_configs_run_on_small_data_in_the_real_layouts(config_file, tm
     criterion = json.loads((tmp_path / "wd" / "eval_results.json").read_text())["criterion"]
     assert criterion == ("tgir/select" if c.stage == "tgir" else "full/sum")
     assert np.isfinite(results[criterion])
+
+
+def test_evaluate_by_default_writes_beside_the_run_without_touching_its_results(stage1):
+    workdir, c, results = stage1
+    before = (workdir / "eval_results.json").read_text()
+    evaluate.evaluate(c.copy_and_resolve_references(), workdir, log=lambda *_: None)
+    assert (workdir / "eval_results.json").read_text() == before
+    written = json.loads((workdir / "evaluation" / "step_10" / "eval_results.json").read_text())
+    assert written["results"] == pytest.approx(results)
