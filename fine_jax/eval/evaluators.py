@@ -243,12 +243,12 @@ class FashionIQEvaluator:
             return tgir.tgir_protocol(f, gallery, vs.labels, mesh=mesh)
 
     def report(self, results: dict) -> str:
-        lines = ["gallery  category    R@1    R@5   R@10   R@50"]
+        lines = ["gallery     category    R@1    R@5   R@10   R@50"]
         for prefix in self.galleries:
             for cat in (*self.categories, "avg"):
                 r = {k.split("/")[-1]: v for k, v in results.items()
                      if k.startswith(f"{prefix}/{cat}/")}
                 cells = [f"{r[m]:6.2f}" if m in r else "     -" for m in ("r1", "r5", "r10", "r50")]
-                lines.append(f"{prefix:8s} {cat:8s} " + " ".join(cells))
+                lines.append(f"{prefix:11s} {cat:8s} " + " ".join(cells))
         return "\n".join(lines)
 
