@@ -1,13 +1,21 @@
 """One orbax CheckpointManager per workdir: the train state plus the data iterator's position.
 
-Orbax writes each step into a temporary directory and renames it when complete, so an interrupted
-save never leaves a half-written checkpoint that a restart would pick up.
+Orbax writes each step into a temporary directory (``<step>.orbax-checkpoint-tmp``) and renames it
+when complete, so an interrupted save (a kill, a full disk) never leaves a half-written checkpoint
+that a restart would pick up; the next start removes such leftovers. Only complete steps count:
+:func:`complete_steps` lists them from the directory itself.
+
+A save runs in the background. Its failure surfaces in the main thread at the next save, wait or
+close, as :class:`CheckpointWriteError` (one line: the step, the directory, the reason, the last
+complete step); older steps are removed only after a newer one is complete, so the last complete
+checkpoint is never lost to a failed write.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import grain
@@ -16,41 +24,153 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """A checkpoint could not be restored onto the current configuration."""
+
+
+def complete_steps(directory: str | pathlib.Path) -> list[int]:
+    """The complete (renamed into place) steps under a checkpoint directory, ascending."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return _training_steps(directory)
+
+
+def short_reason(error: BaseException, limit: int = 300) -> str:
+    """One line for an error of orbax, tensorstore or the OS: the OS error's text when there is
+    one (tensorstore reports it as ``os_error_code``), else the first line of the message."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    text = str(error)
+    code = re.search(r"os_error_code=['\"]?(\d+)", text)
+    if code:
+        return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+    for cause in (error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.strerror:
+            return short_reason(cause, limit)
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+_OPEN: list["Checkpointer"] = []  # checkpointers not closed yet, for close_all
+
+
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 2):
         self.directory = pathlib.Path(directory).absolute()
+        self._pending: int | None = None  # the step whose background write may still run
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=True))
+                                                 enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True))
+        _OPEN.append(self)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def has(self, step: int) -> bool:
+        """Whether ``step`` is saved or being saved (a second save of it would be refused)."""
+        return step == self._pending or (self.manager is not None and
+                                         step in self.manager.all_steps())
+
+    def last_complete(self) -> int | None:
+        steps = complete_steps(self.directory)
+        return steps[-1] if steps else None
+
     def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
+        """Starts writing ``step`` in the background; returns whether it did. A step that is
+        already saved, or being saved, is kept as it is (False). A failure of the previous write,
+        or of this one's start, raises :class:`CheckpointWriteError`."""
+        if self.has(step):
+            return False
+        self.wait()
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except ocp.checkpoint_manager.StepAlreadyExistsError:
+            return False
+        except Exception as e:  # noqa: BLE001 - any failure to write ends as one line
+            raise self._write_error(step, e) from e
+        if saved:
+            self._pending = step
+        return saved
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores the state into the structure/shardings of ``abstract_state`` and, if given,
-        moves ``data_iterator`` to the position saved with it."""
+        moves ``data_iterator`` to the position saved with it. A checkpoint that does not fit
+        (another model size or queue, another stage) raises :class:`CheckpointRestoreError`."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001
+            reason = short_reason(e).split(". ")[0].rstrip(".")  # without orbax's advice
+            raise CheckpointRestoreError(
+                f"could not restore step {step} from {self.directory} onto this configuration "
+                f"({reason}); the checkpoint was written with another model or queue size (the "
+                "workdir's config.json has its config): use a new --workdir, or that config"
+            ) from e
         return restored["state"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
+        """Waits for the background write; its failure raises :class:`CheckpointWriteError`."""
         if self.manager is None:
             return
-        self.manager.wait_until_finished()
-        self.manager.close()
-        self.manager = None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            step, self._pending = self._pending, None
+            raise self._write_error(step, e) from e
+        self._pending = None
+
+    def poll(self) -> None:
+        """Surfaces a failed background write early, without waiting for one that runs."""
+        in_progress = getattr(self.manager, "is_saving_in_progress", None)
+        if self._pending is not None and in_progress is not None and not in_progress():
+            self.wait()
+
+    def close(self) -> None:
+        """Waits for the background write and closes the manager; safe to call again, and after
+        a failure (which it raises once, as :class:`CheckpointWriteError`)."""
+        if self.manager is None:
+            return
+        try:
+            self.wait()
+        finally:
+            manager, self.manager = self.manager, None
+            if self in _OPEN:
+                _OPEN.remove(self)
+            try:
+                manager.close()
+            except Exception:  # noqa: BLE001 - the failure was raised by wait() above
+                pass
+
+    def _write_error(self, step: int | None, error: BaseException) -> CheckpointWriteError:
+        last = self.last_complete()
+        what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+        tail = (f"the last complete checkpoint is step {last}" if last is not None else
+                "there is no complete checkpoint yet")
+        return CheckpointWriteError(f"could not write {what} to {self.directory}: "
+                                    f"{short_reason(error)}; {tail}")
+
+
+def close_all() -> None:
+    """Closes every checkpointer still open, without raising: for a job's way out after another
+    error, so that no write is left running."""
+    for ckpt in list(_OPEN):
+        try:
+            ckpt.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def abstract_like(state):

@@ -1,8 +1,9 @@
 """Command-line plumbing shared by the entry points: flags, and known errors as one line.
 
 An error the user can fix (a config that cannot run, missing or malformed data, a checkpoint
-that is not there) ends the command with exit status 2 and one line, ``config error: ...`` or
-``error: ...``, never a traceback.
+that is not there or cannot be written, a workdir in use, a diverged run) ends the command with
+exit status 2 and one line, ``config error: ...`` or ``error: ...``, never a traceback. A job
+stopped by SIGTERM or SIGINT exits with 128 + the signal number (``fine_jax.faults``).
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from typing import Callable
 def known_errors() -> dict:
     """{exception class: message prefix} of the errors that end a command with one line."""
     from fine_jax import config as config_lib
-    from fine_jax import datasets
-    from fine_jax.checkpoint import WeightsNotFound
+    from fine_jax import datasets, faults
+    from fine_jax.checkpoint import CheckpointRestoreError, CheckpointWriteError, WeightsNotFound
     from fine_jax.data import fashioniq, pipeline
 
     return {config_lib.ConfigError: "config error", datasets.DatasetMissing: "error",
             fashioniq.FashionIQError: "error", pipeline.DataCorrupted: "error",
-            WeightsNotFound: "error"}
+            WeightsNotFound: "error", faults.NonFiniteError: "error",
+            faults.WorkdirLocked: "error", faults.WorkdirUnwritable: "error",
+            CheckpointWriteError: "error", CheckpointRestoreError: "error"}
 
 
 def run_main(fn: Callable[[], object]) -> None:
@@ -28,13 +31,22 @@ def run_main(fn: Callable[[], object]) -> None:
 
     # orbax logs every checkpoint phase at INFO; keep the console to the progress lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    from fine_jax import faults
+
     errors = known_errors()
     try:
         fn()
     except tuple(errors) as e:
         prefix = next(p for cls, p in errors.items() if isinstance(e, cls))
         print(f"{prefix}: {e}", file=sys.stderr)
+        faults.silence_teardown()
         sys.exit(2)
+    except faults.Interrupted:  # saved and stopping: the shutdown's noise must not follow
+        faults.silence_teardown()
+        raise
+    except KeyboardInterrupt:  # Ctrl-C where no handler of the job's own was installed
+        print("interrupted (SIGINT)", file=sys.stderr)
+        sys.exit(130)
 
 
 def define_config_flag() -> None:

@@ -113,6 +113,27 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=2,
         # Deterministic step: no dropout anywhere (the reference trains with BERT dropout 0.1).
         deterministic=False,
+        # A step whose loss or any gradient is not finite never changes the state. "stop": end the
+        # run there (exit status 2), naming the last good checkpoint; "skip": go on with the next
+        # batch, and stop after more than max_nonfinite_skips such steps in a row.
+        on_nonfinite="stop",
+        max_nonfinite_skips=20,
+        # Resuming a workdir whose config.json differs in what shapes the train state or the data
+        # order (stage, model.*, train.global_batch_size, train.seed, loss.queue_size) is refused
+        # unless this is True.
+        allow_config_change=False,
+    ))
+
+    # How the job spreads over devices and processes (fine_jax.parallel). The mesh has axes
+    # (data, fsdp) with data x fsdp = the device count; the global batch is split over both.
+    c.parallel = ml_collections.ConfigDict(dict(
+        data=-1,  # -1: all devices not used by fsdp
+        fsdp=1,  # parameters, momentum and optimiser moments split over this many devices
+        fsdp_min_size=2 ** 16,  # arrays smaller than this many elements stay replicated
+        # "per_group": every device computes the reference's per-GPU loss on its own share of
+        # the batch (in-batch keys, hard negatives and means per device; gradients averaged).
+        # "global": the whole global batch is one contrastive batch (another method; see README).
+        batch_semantics="per_group",
     ))
 
     # Initial weights of a fresh run (fine_jax.interop.initialize); a resumed run ignores them.
@@ -183,7 +204,7 @@ def _check_keys(config) -> None:
             raise ConfigError(f"unknown {name} config keys: {', '.join(sorted(unknown))}; known: "
                               f"{', '.join(sorted(known))}")
     reference = base_config()
-    for name in ("data", "train", "init", "eval"):
+    for name in ("data", "train", "parallel", "init", "eval"):
         unknown = set(config[name].keys()) - set(reference[name].keys())
         if unknown:
             raise ConfigError(f"unknown {name} config keys: {', '.join(sorted(unknown))}; known: "
@@ -224,6 +245,28 @@ def queue_batch(config) -> int:
     return 2 * bg if config.stage == "tgir" else bg
 
 
+def _check_parallel(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    from fine_jax import parallel
+
+    p = config.parallel
+    try:
+        parallel.mesh_shape(p.data, p.fsdp, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if p.batch_semantics not in parallel.BATCH_SEMANTICS:
+        raise ConfigError(f"parallel.batch_semantics={p.batch_semantics!r}: use "
+                          f"{' or '.join(parallel.BATCH_SEMANTICS)}")
+    if p.fsdp_min_size < 1:
+        raise ConfigError(f"parallel.fsdp_min_size={p.fsdp_min_size} must be at least 1")
+    per_device = config.train.global_batch_size // num_devices
+    if p.batch_semantics == "per_group" and per_device < 2:
+        raise ConfigError(
+            f"train.global_batch_size={config.train.global_batch_size} over {num_devices} devices "
+            f"leaves {per_device} example per device: each device draws its ITM hard negatives "
+            "from its own examples, so it needs at least 2. Raise the global batch to "
+            f"{2 * num_devices} or use --config.parallel.batch_semantics=global")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
              num_train_records: int | None = None) -> None:
     """Checks the combinations the model cannot run with; raises ConfigError naming the fix.
@@ -243,6 +286,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     if bg % num_devices:
         raise ConfigError(f"train.global_batch_size={bg} is not divisible by the {num_devices} "
                           "devices; choose a multiple of the device count")
+    _check_parallel(config, num_devices)
     if num_train_records is not None and num_train_records < bg:
         raise ConfigError(f"train.global_batch_size={bg} is larger than the training set "
                           f"({num_train_records} items); lower --config.train.global_batch_size")
@@ -257,6 +301,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if t[key] < 1:
             raise ConfigError(f"train.{key}={t[key]} must be at least 1")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r}: use stop or skip")
+    if t.max_nonfinite_skips < 0:
+        raise ConfigError(f"train.max_nonfinite_skips={t.max_nonfinite_skips} must be >= 0")
     if t.max_steps == 0 or t.max_steps < -1:
         raise ConfigError(f"train.max_steps={t.max_steps}: use a positive count, or -1 for "
                           "optim.epochs full epochs")
@@ -320,6 +368,37 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     step = str(config.init.checkpoint_step)
     if step not in ("best", "latest") and not step.isdigit():
         raise ConfigError(f"init.checkpoint_step={step!r}: use best, latest or a step number")
+
+
+# What a resumed run must share with the run that wrote the workdir: the keys that shape the train
+# state or the data order. Mesh sizes are not among them: a checkpoint restores onto any mesh.
+RESUME_KEYS = ("stage", "model.*", "train.global_batch_size", "train.seed", "loss.queue_size")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resume_changes(saved: dict, config) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) for each :data:`RESUME_KEYS` key that ``config`` changes
+    against ``saved`` (a workdir's config.json). Keys the saved config lacks are not compared."""
+    import json
+
+    old = _flatten(saved)
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    changes = []
+    for key in sorted(new):
+        wanted = any(key == k or (k.endswith(".*") and key.startswith(k[:-1]))
+                     for k in RESUME_KEYS)
+        if wanted and key in old and old[key] != new[key]:
+            changes.append((key, old[key], new[key]))
+    return changes
 
 
 def tiny_config(**model_overrides) -> ml_collections.ConfigDict:

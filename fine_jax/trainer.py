@@ -10,24 +10,26 @@ selects ``checkpoint_best.pth``.
 
 The workdir holds ``config.json``, ``metrics.jsonl`` (training and ``eval/*`` rows), ``tb/``
 (TensorBoard), ``checkpoints/<step>/`` (orbax: state and data-iterator position), ``best/`` (a
-weights checkpoint) and ``eval_results.json`` (the latest and the best evaluation).
+weights checkpoint), ``eval_results.json`` (the latest and the best evaluation), ``.lock`` (the run
+that holds the workdir) and, after a fault, ``background_errors.log``. How signals, kills,
+non-finite steps, a locked or unwritable workdir and a changed config end is ``fine_jax.faults``.
 """
 from __future__ import annotations
 
 import json
 import math
 import pathlib
-import signal
-import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fine_jax import config as config_lib
+from fine_jax import faults
 from fine_jax import parallel, stages, vit_pretrain
-from fine_jax.checkpoint import (BEST_DIR, Checkpointer, abstract_like, best_info,
-                                 save_weights)
+from fine_jax.checkpoint import BEST_DIR, Checkpointer, best_info, save_weights
+from fine_jax.checkpoint import CheckpointWriteError, close_all, complete_steps
 from fine_jax.data import pipeline
 from fine_jax.eval.results import write_results
 from fine_jax.interop import initialize
@@ -46,14 +48,23 @@ def log(msg: str) -> None:
 class MetricWriter:
     """JSONL (one object per logged step) and TensorBoard scalars, process 0 only."""
 
-    def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+    def __init__(self, workdir: pathlib.Path, enabled: bool = True, resume_step: int | None = None):
+        """``resume_step``: the step the run starts from. Rows past it (written after that
+        checkpoint by a run that was killed) are dropped from metrics.jsonl and hidden from
+        TensorBoard, so that both read as one curve."""
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
+        if resume_step is not None:
+            dropped = faults.truncate_metrics(workdir / "metrics.jsonl", resume_step)
+            if dropped:
+                log(f"metrics.jsonl: dropped {dropped} rows past step {resume_step}, the step this "
+                    "run continues from")
         self.jsonl = open(workdir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(workdir / "tb"))
+        purge = None if resume_step is None else resume_step + 1
+        self.tb = SummaryWriter(str(workdir / "tb"), purge_step=purge)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -66,7 +77,7 @@ class MetricWriter:
         self.tb.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.jsonl.closed:
             self.jsonl.close()
             self.tb.close()
 
@@ -122,12 +133,19 @@ class Selection:
         self.writer.write(step, {f"eval/{k}": v for k, v in results.items()})
         if is_best:
             self.best = dict(self.latest)
+            # Every process takes part in gathering the shards; process 0 writes.
+            weights = parallel.fetch({k: state[k] for k in ("params", "momentum", "queues")})
             if self.is_main:
-                weights = jax.device_get({k: state[k] for k in ("params", "momentum", "queues")})
                 info = {**self.best, "config": self.cfg.to_dict(),
                         "source": {"workdir": str(self.workdir), "step": step}}
-                save_weights(self.workdir / BEST_DIR, weights, json.loads(json.dumps(info)),
-                             overwrite=True)
+                try:
+                    save_weights(self.workdir / BEST_DIR, weights, json.loads(json.dumps(info)),
+                                 overwrite=True)
+                except OSError as e:
+                    raise CheckpointWriteError(
+                        f"could not write the best checkpoint (step {step}) to "
+                        f"{self.workdir / BEST_DIR}: {e.strerror or e}; the previous one is kept"
+                    ) from e
         if self.is_main:
             write_results(self.workdir / "eval_results.json",
                           {"criterion": criterion, "latest": self.latest, "best": self.best})
@@ -135,16 +153,90 @@ class Selection:
 
 
 # ----------------------------------------------------------------------------------------------
+# Resume checks
+# ----------------------------------------------------------------------------------------------
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point value of ``tree`` is finite (a scalar bool array)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def check_resume_config(cfg, workdir: pathlib.Path) -> None:
+    """Refuses to resume a workdir whose ``config.json`` differs from ``cfg`` in what shapes the
+    train state or the data order (``config_lib.RESUME_KEYS``), unless
+    ``train.allow_config_change``; a workdir without a complete checkpoint is not compared."""
+    saved = workdir / "config.json"
+    if not complete_steps(workdir / "checkpoints") or not saved.is_file():
+        return
+    try:
+        old = json.loads(saved.read_text())
+    except ValueError:
+        return  # a config.json cut short: nothing to compare with
+    changes = config_lib.resume_changes(old, cfg)
+    if not changes:
+        return
+    listing = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in changes)
+    if not cfg.train.allow_config_change:
+        raise config_lib.ConfigError(
+            f"{workdir} holds a run with another configuration: {listing}. Resuming it would "
+            "change the train state or the data order; use a new --workdir, or pass "
+            "--config.train.allow_config_change=True to resume it anyway")
+    log(f"resuming {workdir} with a changed configuration (train.allow_config_change): {listing}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------
 def run(cfg, workdir: str) -> dict | None:
-    """Trains ``cfg.stage`` in ``workdir``; returns the last evaluation's results (or None)."""
+    """Trains ``cfg.stage`` in ``workdir``; returns the last evaluation's results (or None).
+
+    Before anything in the workdir is touched, process 0 locks it (``WORKDIR/.lock``) and every
+    process checks that it can write there. From then on SIGTERM and SIGINT stop the job at the
+    next step boundary, after saving that step (``faults.Interrupted``, exit status 128 + signum);
+    on any other way out the checkpoint writes in flight are waited for.
+    """
     stage = stages.get(cfg.stage)
+    remote = faults.is_remote(workdir)
+    if remote:  # pathlib would quietly turn gs://b/run into a local folder named gs:
+        raise config_lib.ConfigError(
+            f"--workdir={workdir}: the workdir must be a file-system path that every process "
+            "sees (a shared file system, or the bucket mounted with gcsfuse; "
+            "launch/tpu_vm.py --gcsfuse=BUCKET:/mnt/BUCKET mounts it on every TPU worker)")
     workdir = pathlib.Path(workdir).expanduser().absolute()
     config_lib.validate(cfg, num_devices=jax.device_count())  # before any data is touched
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    lock = None
+    if not remote:
+        faults.make_workdir(workdir)
+        if is_main:
+            lock = faults.WorkdirLock(workdir).acquire()
+        try:
+            faults.check_writable(workdir, workdir / "checkpoints")
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
 
+    def abort_note() -> str:
+        steps = complete_steps(workdir / "checkpoints")
+        return (f"a restart with the same --workdir resumes from step {steps[-1]}, the last "
+                "complete checkpoint" if steps else "no checkpoint was completed") + \
+            "; an incomplete one is discarded"
+
+    stop = faults.StopSignals(abort_note).install()
+    errors_log = workdir / faults.BACKGROUND_LOG if is_main and not remote else None
+    try:
+        with faults.quiet_background_errors(errors_log):
+            return _train(cfg, workdir, stage, is_main, stop)
+    finally:
+        close_all()  # no checkpoint write is left running, however the job ends
+        stop.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSignals):
     # --- data -------------------------------------------------------------------------------
     data = stage.training_data(cfg)
     if cfg.model.vocab_size in (0, -1, None):
@@ -154,7 +246,12 @@ def run(cfg, workdir: str) -> dict | None:
             f"model.vocab_size={cfg.model.vocab_size} but the dataset's vocab has "
             f"{data.vocab_size} entries; set --config.model.vocab_size={data.vocab_size}")
     config_lib.validate(cfg, num_devices=jax.device_count(), num_train_records=data.num_items)
-    mesh = parallel.make_mesh()
+    mesh = parallel.mesh_from_config(cfg)
+    check_resume_config(cfg, workdir)
+    if stop.signum is not None:
+        log(f"{faults.signal_name(stop.signum)} before training started: stopping; nothing new "
+            "was saved")
+        raise faults.Interrupted(stop.signum)
     if is_main:
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
 
@@ -169,45 +266,104 @@ def run(cfg, workdir: str) -> dict | None:
     model = FashionFINE(config_lib.model_config(cfg))
     loss_cfg = config_lib.loss_config(cfg)
     optimizer, schedule = make_optimizer(cfg.optim, spe)
-    repl = parallel.replicated(mesh)
     make_queues = stage.make_queues(loss_cfg, cfg.model.embed_dim)
-    init = jax.jit(lambda r: create_state(model, optimizer, r, make_queues), out_shardings=repl)
-    state = init(jax.random.PRNGKey(cfg.train.seed))
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
-    log(f"model ({model.config.variant}): {n_params / 1e6:.2f}M parameters")
+    # The state is born sharded (FSDP over the mesh): its shapes come from jax.eval_shape, and a
+    # resume restores straight into the sharded target without building a state first.
+    init, abstract_state = parallel.sharded_init(
+        lambda r: create_state(model, optimizer, r, make_queues), mesh, cfg.parallel.fsdp_min_size,
+        jax.random.PRNGKey(cfg.train.seed))
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract_state)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract_state["params"]))
+    log(f"model ({model.config.variant}): {n_params / 1e6:.2f}M parameters; mesh "
+        f"{dict(mesh.shape)}; {parallel.describe_shardings(abstract_state)}; loss per "
+        + ("device (reference semantics)" if cfg.parallel.batch_semantics == "per_group"
+           else "global batch"))
 
     data_iter = iter(data.stream(cfg.train.seed, jax.process_index(), jax.process_count()))
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-        state = ckpt.restore(start, abstract_like(state), data_iter)
+        state = ckpt.restore(start, abstract_state, data_iter)
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
+        state = init(jax.random.PRNGKey(cfg.train.seed))
         if initialize.requested(cfg):  # from a stage-1 run, converted or public weights
-            state = jax.device_put(initialize.initialise(cfg, state, log), repl)
+            state = jax.device_put(initialize.initialise(cfg, state, log), shardings)
         if cfg.init.vit_pretrain_steps:
-            state, _ = vit_pretrain.pretrain_vit(cfg, model, state, data.vit_source, log)
-            state = jax.device_put(state, repl)
+            state, _ = vit_pretrain.pretrain_vit(cfg, model, state, data.vit_source, log, mesh)
+            state = jax.device_put(state, shardings)
             ckpt.save(0, state, data_iter, force=True)  # a restart resumes after the warm-start
     start = int(start or 0)
 
     # --- train loop -------------------------------------------------------------------------
     step_fn = stage.make_step(model, optimizer, loss_cfg, spe, schedule, total_steps=total_steps,
-                              deterministic=cfg.train.deterministic)
+                              deterministic=cfg.train.deterministic,
+                              groups=parallel.groups_from_config(cfg, mesh))
+    repl = parallel.replicated(mesh)
     batch_shard = parallel.batch_sharding(mesh)
-    jstep = jax.jit(step_fn, in_shardings=(repl, batch_shard, repl), out_shardings=(repl, repl),
-                    donate_argnums=0)
+    jstep = jax.jit(step_fn, in_shardings=(shardings, batch_shard, repl),
+                    out_shardings=(shardings, repl), donate_argnums=0)
     base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
     selection = Selection(cfg, workdir, stage, writer, is_main)
     every = cfg.eval.every_epochs
+    guard = faults.NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, log)
+    params_finite = jax.jit(all_finite)
+    # (step, device metrics) of the steps whose non-finite flag is not read yet. A step's flag is
+    # read once the next step is dispatched (no wait for the device), and always before a save.
+    unchecked: list[tuple[int, dict]] = []
 
-    stop = {"signal": None}
+    def stop_nonfinite(reason: str):
+        ckpt.wait()
+        last = ckpt.last_complete()
+        where = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
+                 else f"there is no checkpoint in {ckpt.directory} yet")
+        raise faults.NonFiniteError(
+            f"{reason}; the update was not applied and nothing after it was saved; {where}. "
+            f"Lower --config.optim.lr (now {cfg.optim.lr:g}) or check the data; "
+            "--config.train.on_nonfinite=skip skips such steps instead")
 
-    def on_signal(signum, _frame):  # preemption: save at the next step boundary, then exit
-        stop["signal"] = signum
+    def check_finite(upto: int) -> None:
+        while unchecked and unchecked[0][0] <= upto:
+            s, m = unchecked.pop(0)
+            host = jax.device_get({k: m[k] for k in ("loss", "nonfinite") if k in m})
+            reason = guard.observe(s, *faults.nonfinite_flag(host))
+            if reason is not None:
+                stop_nonfinite(reason)
 
-    old_handler = signal.signal(signal.SIGTERM, on_signal)
+    def save(step: int, force: bool = False) -> bool:
+        """Saves ``step`` unless it is saved already; never a state with non-finite values."""
+        check_finite(step)
+        if ckpt.has(step):
+            return False
+        if not bool(params_finite(state["params"])):
+            stop_nonfinite(f"the parameters are not finite at step {step}")
+        return ckpt.save(step, state, data_iter, force=force)
+
+    def agreed_signal(step: int) -> int | None:
+        """The stop request all processes act on at this step boundary. With several processes
+        they vote at the logging steps (all at the same steps), so that all save the same step:
+        a signal that reached only some of them still stops every one."""
+        if jax.process_count() == 1:
+            return stop.signum
+        if step % cfg.train.log_every and step < total_steps:
+            return None
+        from jax.experimental import multihost_utils
+
+        votes = multihost_utils.process_allgather(np.int32(stop.signum or 0))
+        return int(np.max(votes)) or None
+
+    def stop_on_signal(step: int, signum: int):
+        name = faults.signal_name(signum)
+        if step == start and not ckpt.has(step):
+            log(f"{name}: stopping before the first step; nothing to save")
+        else:
+            save(step, force=True)
+            ckpt.wait()
+            log(f"{name}: saved step {step} in {ckpt.directory}; stopping (exit status "
+                f"{128 + signum}). Rerun with the same --workdir to continue from there")
+        raise faults.Interrupted(signum)
+
     t_last, n_last = time.time(), start
     t_start = time.time()
     step = start
@@ -215,12 +371,19 @@ def run(cfg, workdir: str) -> dict | None:
     evaluated_at = None
     bad_records = 0  # unreadable records the pipeline replaced (this process, this run)
     try:
-        while step < total_steps:
+        while True:
+            signum = agreed_signal(step)
+            if signum is not None:  # SIGTERM / SIGINT: save this step, then exit
+                stop_on_signal(step, signum)
+            if step >= total_steps:
+                break
             host_batch = next(data_iter)
             bad_records += int(np.sum(host_batch.pop(pipeline.BAD_KEY, 0)))
             batch = parallel.global_batch(host_batch, mesh)
             state, metrics = jstep(state, batch, jax.random.fold_in(base_rng, step))
             step += 1
+            unchecked.append((step, metrics))
+            check_finite(step - 1)
             if step == start + 1:
                 jax.block_until_ready(metrics)
                 log(f"first step (with compilation) took {time.time() - t_start:.1f}s")
@@ -234,36 +397,36 @@ def run(cfg, workdir: str) -> dict | None:
                 writer.write(step, metrics)
                 log(format_line(step, total_steps, metrics, stage.log_terms, rate, eta) +
                     (f" | {bad_records} unreadable records replaced" if bad_records else ""))
-                if not np.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; the last "
-                                             "good checkpoint is kept in "
-                                             f"{workdir / 'checkpoints'}")
+                check_finite(step)
+                ckpt.poll()  # a failed background write ends the run here, not at the next save
                 t_last, n_last = now, step
             if every and step % (every * spe) == 0 and step < total_steps:
-                ckpt.save(step, state, data_iter, force=True)
+                save(step, force=True)
                 results = selection(model, state, mesh, step, step / spe)
                 evaluated_at = step
                 t_last, n_last = time.time(), step  # the rate excludes the evaluation
             elif step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                ckpt.save(step, state, data_iter)
-            if stop["signal"] is not None:
-                log(f"signal {stop['signal']}: saving step {step} and stopping")
-                if ckpt.latest_step() != step:
-                    ckpt.save(step, state, data_iter, force=True)
-                ckpt.close()
-                writer.close()
-                sys.exit(128 + stop["signal"])
-        if ckpt.latest_step() != step:
-            ckpt.save(step, state, data_iter, force=True)
+                save(step)
+        save(step, force=True)
         ckpt.wait()
         log(f"trained {step - start} steps in {time.time() - t_start:.1f}s; checkpoint at step "
             f"{step} in {workdir / 'checkpoints'}")
         if cfg.eval.at_end and evaluated_at != step:
+            signum = agreed_signal(step)
+            if signum is not None:  # stopped after the last step: the rerun evaluates
+                log(f"{faults.signal_name(signum)}: stopping before the final evaluation; rerun "
+                    f"with the same --workdir to evaluate step {step}")
+                raise faults.Interrupted(signum)
             results = selection(model, state, mesh, step, step / spe)
-    finally:
-        signal.signal(signal.SIGTERM, old_handler)
+    except BaseException:
         writer.close()
-        ckpt.close()
+        try:  # wait for the write in flight; the error that ends the run is the one raised
+            ckpt.close()
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    writer.close()
+    ckpt.close()
     if selection.best is not None:
         log(f"best: {selection.best['criterion']} = {selection.best['value']:.2f} at step "
             f"{selection.best['step']} ({workdir / BEST_DIR})")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fine_jax import parallel
+from fine_jax import faults, parallel
 from fine_jax.config import VIT_PRETRAIN_LABELS, ConfigError
 from fine_jax.data import image as image_ops
 from fine_jax.data import pipeline
@@ -69,16 +69,17 @@ def classification_loss(model: FashionFINE, vit: dict, head: dict, images: jax.A
 
 
 def pretrain_vit(cfg, model: FashionFINE, state: dict, train_source,
-                 log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+                 log: Callable[[str], None] = print, mesh=None) -> tuple[dict, list[dict]]:
     """``state`` with ``params`` and ``momentum`` ``visual_encoder`` replaced by the trained ViT,
-    and the logged history: one {step, loss, accuracy} per ``train.log_every`` steps."""
+    and the logged history: one {step, loss, accuracy} per ``train.log_every`` steps. It trains
+    data-parallel over ``mesh`` (default: all devices), the ViT and its head replicated."""
     steps = int(cfg.init.vit_pretrain_steps)
     label = cfg.init.vit_pretrain_label
     classes = class_table(train_source, label)
     if len(classes) < 2:
         raise ConfigError(f"init.vit_pretrain_label={label!r}: the training split has "
                           f"{len(classes)} distinct value(s), nothing to classify")
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh() if mesh is None else mesh
     repl, batch_shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     bg = cfg.train.global_batch_size
     transform = ClassifyTransform(classes, label, cfg.model.image_size, cfg.data.hflip)
@@ -119,6 +120,12 @@ def pretrain_vit(cfg, model: FashionFINE, state: dict, train_source,
     t_last, n_last, window, history = t0, 0, [], []
     every = max(1, cfg.train.log_every)
     for step in range(1, steps + 1):
+        signum = faults.stop_requested()
+        if signum is not None:  # SIGTERM / SIGINT: nothing of the warm-start is kept
+            log(f"{faults.signal_name(signum)}: ViT warm-start interrupted before step "
+                f"{step}/{steps}; nothing was saved, and a restart with the same --workdir redoes "
+                "the warm-start")
+            raise faults.Interrupted(signum)
         host = next(data_iter)
         host.pop(pipeline.BAD_KEY, None)
         trainable, opt_state, metrics = jstep(trainable, opt_state,
@@ -135,8 +142,9 @@ def pretrain_vit(cfg, model: FashionFINE, state: dict, train_source,
             log(f"ViT warm-start {step}/{steps} | loss {loss:.4f} | train accuracy {acc:.1f}% | "
                 f"{rate:.1f} ex/s | ETA {eta:.0f}s")
             if not np.isfinite(loss):
-                raise FloatingPointError(f"ViT warm-start loss is {loss} at step {step}; lower "
-                                         "--config.init.vit_pretrain_lr")
+                raise faults.NonFiniteError(
+                    f"ViT warm-start loss is {loss} at step {step}; nothing was saved. Lower "
+                    f"--config.init.vit_pretrain_lr (now {lr:g})")
             t_last, n_last, window = now, step, []
     log(f"ViT warm-start done in {time.time() - t0:.1f}s")
 

@@ -1,9 +1,10 @@
 """grain input pipelines: stage-1, stage-2 and TGIR training batches, and evaluation batches.
 
-Training: items (image rows, products or triplets; :mod:`fine_jax.data.samplers`) -> shard by
-process -> shuffle (re-drawn each epoch) -> per-record random map (read, augment images, build the
-text) -> batch (drop_remainder, per epoch) -> repeat -> prefetch (threads, or worker processes
-with ``num_workers``). Every random choice of a record is drawn from a generator seeded by
+Training: items (image rows, products or triplets; :mod:`fine_jax.data.samplers`) -> shuffle
+(re-drawn each epoch over the whole dataset) -> per-record random map (read, augment images, build
+the text) -> each process's share of the epoch (every process_count-th record) -> batch
+(drop_remainder, per epoch) -> repeat -> prefetch (threads, or worker processes with
+``num_workers``). Every random choice of a record is drawn from a generator seeded by
 (seed, the record's position in the stream), so the stream depends only on the seed, the step and
 the process index, and a restored iterator continues on the exact next batch.
 
@@ -164,12 +165,18 @@ def training_stream(items: Sequence, transform, global_batch: int, seed: int,
         raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
     local_batch = global_batch // process_count
     ds = grain.MapDataset.source(items)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
     # Shuffle before repeat: grain re-draws the permutation for every epoch (seed + epoch), and
     # batch() keeps each epoch's batches inside that epoch, like DistributedSampler + drop_last.
     ds = ds.shuffle(seed=seed)
+    # Each record's random choices are seeded by its position in the *global* stream, so they do
+    # not depend on how many processes share it.
     ds = ds.random_map(transform, seed=seed + 1)
+    if process_count > 1:
+        # DistributedSampler: every epoch's permutation of the whole dataset, cut to a multiple
+        # of the process count, then every process_count-th record from process_index on. The
+        # slices pass the epoch through, so each epoch deals a fresh share to every process.
+        ds = ds[:len(ds) // process_count * process_count]
+        ds = ds[process_index::process_count]
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.repeat(num_epochs)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

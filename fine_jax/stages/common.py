@@ -106,11 +106,24 @@ def momentum_global_features(apply, params, momentum, images, ids, mask, rng=Non
 
 def finish_step(state: dict, params, momentum, queues, grads, optimizer, metrics: dict, alpha,
                 schedule):
-    """The AdamW update after the loss and the enqueue; returns (new state, step metrics)."""
+    """The AdamW update after the loss and the enqueue; returns (new state, step metrics).
+
+    A step whose loss or any gradient is not finite changes nothing but the step counter: the
+    parameters, momentum copies, optimiser moments and queues stay as they were, and the metrics
+    say ``nonfinite = 1`` (the trainer then stops or skips, ``train.on_nonfinite``). So no
+    checkpoint can ever hold the NaNs of a diverged update.
+    """
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "momentum": momentum, "opt_state": opt_state, "queues": queues}
-    out = dict(metrics, temp=params["temp"], alpha=alpha, grad_norm=optax.tree.norm(grads))
+    updated = {"params": optax.apply_updates(params, updates), "momentum": momentum,
+               "opt_state": opt_state, "queues": queues}
+    finite = jnp.isfinite(metrics["loss"])
+    for g in jax.tree_util.tree_leaves(grads):
+        finite &= jnp.all(jnp.isfinite(g))
+    kept = {k: state[k] for k in updated}
+    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+    new_state["step"] = state["step"] + 1
+    out = dict(metrics, temp=params["temp"], alpha=alpha, grad_norm=optax.tree.norm(grads),
+               nonfinite=1.0 - finite.astype(jnp.float32))
     if schedule is not None:
         out["lr"] = schedule(state["step"])
     return new_state, out

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from fine_jax import objectives as obj
+from fine_jax import parallel
 from fine_jax.models.fine import FashionFINE
 from fine_jax.momentum import ema_update, enqueue, init_queues
 from fine_jax.objectives import LossConfig
@@ -33,8 +34,12 @@ def make_queues(loss_cfg: LossConfig, embed_dim: int):
 
 def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
               steps_per_epoch: int, schedule: Callable | None = None,
-              total_steps: int | None = None, deterministic: bool = False):
+              total_steps: int | None = None, deterministic: bool = False,
+              groups: parallel.Groups | None = None):
     """The pure stage-1 step ``(state, batch, rng) -> (state, metrics)``.
+
+    ``groups`` says how the loss is split over the devices (``fine_jax.parallel.grads``): per
+    device as the reference does per GPU (the default in training), or over the global batch.
 
     ``steps_per_epoch`` drives the alpha ramp. ``deterministic`` turns every dropout off (the
     reference trains with BERT dropout 0.1, online and momentum). A batch may carry
@@ -114,7 +119,7 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         metrics = {"loss": total, "loss_itc": loss_itc, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i,
                    "loss_itm": loss_itm, "loss_sym": loss_sym, "loss_mlm": loss_mlm,
                    "loss_rtp": loss_rtp}
-        return total, (metrics, g_v_m, g_t_m)
+        return total, (metrics, (g_v_m, g_t_m))
 
     def train_step(state, batch, rng):
         params = common.clamp_temperature(state["params"], c.temp_min, c.temp_max)
@@ -126,8 +131,8 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
             m = jnp.where(queue_on, m, 0.0)
             alpha = jnp.where(queue_on, alpha, 0.0)
         momentum = ema_update(state["momentum"], params, m)
-        grads, (metrics, g_v_m, g_t_m) = jax.grad(loss_fn, has_aux=True)(
-            params, momentum, state["queues"], batch, rng, alpha, queue_on)
+        grads, metrics, (g_v_m, g_t_m) = parallel.grads(
+            loss_fn, groups, params, momentum, state["queues"], batch, rng, alpha, queue_on)
         # Enqueue after the loss: the loss above saw the pre-step queue.
         queues = enqueue(state["queues"], g_v_m, g_t_m, batch["idx"])
         return common.finish_step(state, params, momentum, queues, grads, optimizer, metrics,

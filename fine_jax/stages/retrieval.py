@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from fine_jax import objectives as obj
+from fine_jax import parallel
 from fine_jax.models.fine import FashionFINE
 from fine_jax.momentum import ema_update, enqueue, init_queues
 from fine_jax.objectives import LossConfig
@@ -34,7 +35,8 @@ def make_queues(loss_cfg: LossConfig, embed_dim: int):
 
 def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
               steps_per_epoch: int, schedule: Callable | None = None,
-              total_steps: int | None = None, deterministic: bool = False):
+              total_steps: int | None = None, deterministic: bool = False,
+              groups: parallel.Groups | None = None):
     """The pure stage-2 step ``(state, batch, rng) -> (state, metrics)``; see the stage-1 step
     (``fine_jax.stages.pretrain.make_step``) for the arguments."""
     del total_steps  # stage 2 has no from-scratch warm-up
@@ -78,14 +80,14 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         total = c.w_itc * loss_itc + c.w_itm * loss_itm
         metrics = {"loss": total, "loss_itc": loss_itc, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i,
                    "loss_itm": loss_itm}
-        return total, (metrics, g_v_m, g_t_m)
+        return total, (metrics, (g_v_m, g_t_m))
 
     def train_step(state, batch, rng):
         params = common.clamp_temperature(state["params"], c.temp_min, c.temp_max)
         alpha = obj.distill_alpha(state["step"], steps_per_epoch, c.alpha, c.alpha_warmup)
         momentum = ema_update(state["momentum"], params, c.momentum)
-        grads, (metrics, g_v_m, g_t_m) = jax.grad(loss_fn, has_aux=True)(
-            params, momentum, state["queues"], batch, rng, alpha)
+        grads, metrics, (g_v_m, g_t_m) = parallel.grads(
+            loss_fn, groups, params, momentum, state["queues"], batch, rng, alpha)
         idx = batch["idx"] if "idx" in state["queues"] else None
         queues = enqueue(state["queues"], g_v_m, g_t_m, idx)
         return common.finish_step(state, params, momentum, queues, grads, optimizer, metrics,

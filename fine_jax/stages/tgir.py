@@ -12,8 +12,8 @@ of the target image, t = norm(Pv(ViT(target)[:, 0])); no MAA, no ITM, no focal l
 The batch's reference images are explicit negatives (r_m in the image bank, method_spec §10 B8).
 The momentum query f_m runs the momentum ViT and momentum BERT (with dropout, B15) and, as in the
 reference, the momentum ``text_proj`` followed by the *online* ``combine_text_proj`` (B7;
-``loss.tgir_momentum_head_fix`` uses the momentum one). After the loss, [t_m; r_m] (2B rows) go
-into the image queue and f_m into the fusion queue, each with its own pointer.
+``loss.tgir_momentum_head_fix`` uses the momentum one). After the loss, [t_m; r_m] (2B rows per group, gathered group by
+group in device order) go into the image queue and f_m into the fusion queue, each with its own pointer.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from fine_jax import objectives as obj
+from fine_jax import parallel
 from fine_jax.models.adapter import l2_normalize
 from fine_jax.models.fine import FashionFINE
 from fine_jax.momentum import ema_update, enqueue_rows, init_tgir_queues
@@ -40,7 +41,8 @@ def make_queues(loss_cfg: LossConfig, embed_dim: int):
 
 def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
               steps_per_epoch: int, schedule: Callable | None = None,
-              total_steps: int | None = None, deterministic: bool = False):
+              total_steps: int | None = None, deterministic: bool = False,
+              groups: parallel.Groups | None = None):
     """The pure stage-3 step ``(state, batch, rng) -> (state, metrics)``. The batch holds
     ``reference_image``, ``target_image``, ``input_ids`` and ``attention_mask``."""
     del total_steps
@@ -88,14 +90,14 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         loss_i2f = obj.soft_cross_entropy(sim_i2f, y_i2f)
         total = c.w_itc * (loss_i2f + loss_f2i) / 2.0
         metrics = {"loss": total, "loss_f2i": loss_f2i, "loss_i2f": loss_i2f}
-        return total, (metrics, image_keys, f_m)
+        return total, (metrics, (image_keys, f_m))
 
     def train_step(state, batch, rng):
         params = common.clamp_temperature(state["params"], c.temp_min, c.temp_max)
         alpha = obj.distill_alpha(state["step"], steps_per_epoch, c.alpha, c.alpha_warmup)
         momentum = ema_update(state["momentum"], params, c.momentum)
-        grads, (metrics, image_keys, f_m) = jax.grad(loss_fn, has_aux=True)(
-            params, momentum, state["queues"], batch, rng, alpha)
+        grads, metrics, (image_keys, f_m) = parallel.grads(
+            loss_fn, groups, params, momentum, state["queues"], batch, rng, alpha)
         q = state["queues"]
         image, image_ptr = enqueue_rows(q["image"], q["image_ptr"], image_keys)
         fusion, fusion_ptr = enqueue_rows(q["fusion"], q["fusion_ptr"], f_m)
