@@ -15,6 +15,9 @@ import pytest
 from fine_jax.checkpoint import read_weights
 
 HERE = pathlib.Path(__file__).resolve().parent
+# The driver runs from tests/; the repository root makes fine_jax importable uninstalled too.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [str(HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 
 def free_port() -> int:
@@ -31,7 +34,7 @@ def run_job(workdir, data_dir, max_steps, out_dir, timeout=600):
         procs.append((subprocess.Popen(
             [sys.executable, str(HERE / "multiprocess_driver.py"), str(pid), "2", str(port),
              str(workdir), str(data_dir), str(max_steps), str(out_dir / f"out{pid}.json")],
-            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)), log))
+            stdout=log, stderr=subprocess.STDOUT, env=ENV), log))
     try:
         for proc, _ in procs:
             proc.wait(timeout=timeout)

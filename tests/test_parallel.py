@@ -93,7 +93,9 @@ def test_sequential_groups_on_one_device_equal_the_step_run_group_by_group():
 
 
 def run_equivalence(stage, full):
-    env = dict(os.environ)
+    # The script runs from tests/; the repository root makes fine_jax importable uninstalled too.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
     # Compile time dominates these runs; optimisation level 0 halves it and changes no result
     # beyond fp32 rounding.
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
