@@ -24,10 +24,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "fault_tolerance: jobs stopped by signals, kills and "
                             "faults, restarted in real processes (tests/test_resume.py)")
 
-    cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                                  tempfile.mkdtemp(prefix="fine_jax_test_xla_cache_"))
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if cache is None:  # made here (the xdist workers inherit it): removed when the run ends
+        cache = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+            prefix="fine_jax_test_xla_cache_")
+        config._fine_jax_cache_dir = cache
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    cache = getattr(config, "_fine_jax_cache_dir", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
