@@ -33,6 +33,9 @@ setup(
         # Reading and writing PyTorch checkpoints (fine_jax.convert / fine_jax.export) and the
         # parity tests. The CPU wheel is enough; fine_jax itself never imports torch.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        # The tests, and executing notebooks/retrieval_demo.ipynb (tests/test_notebook.py).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "nbformat>=5.9",
+                 "nbclient>=0.10", "ipykernel>=6.29", "matplotlib>=3.8"],
+        "notebook": ["matplotlib>=3.8", "jupyterlab>=4"],
     },
 )

@@ -76,6 +76,11 @@ def _as_uint8_hwc(image) -> np.ndarray:
     return image
 
 
+def _fused_pairs(module: FashionFINE, input_ids, attention_mask, images):
+    return module.fuse(module.encode_text(input_ids, attention_mask), attention_mask,
+                       module.encode_image(images))
+
+
 class FineModel:
     """A FashionFINE model with its parameters and tokenizer, for embedding."""
 
@@ -94,6 +99,10 @@ class FineModel:
             {"params": p}, x, method=FashionFINE.embed_images))
         self._embed_texts = jax.jit(lambda p, ids, mask: self.model.apply(
             {"params": p}, ids, mask, method=FashionFINE.embed_texts))
+        self._itm = jax.jit(lambda p, x, ids, mask: jax.nn.softmax(self.model.apply(
+            {"params": p}, self.model.apply({"params": p}, ids, mask, x,
+                                            method=_fused_pairs), method=FashionFINE.itm_logits),
+            axis=-1)[:, 1])
 
     @classmethod
     def load(cls, path: str | pathlib.Path, step: int | None = None, vocab=None,
@@ -187,3 +196,20 @@ class FineModel:
         if not len(ids):
             return self._empty()
         return self._batched(self._embed_texts, [ids, mask], [self.tokenizer.pad_id, 1])
+
+    def match_probability(self, images: np.ndarray, input_ids: np.ndarray,
+                          attention_mask: np.ndarray) -> np.ndarray:
+        """The ITM head's probability that image i and text i match, for N (image, text) pairs:
+        preprocessed images (N, S, S, 3) as ``preprocess_images`` returns them and token ids in
+        the evaluation layout (``tokenize``) -> (N,) float32. This is the score ITM re-ranking
+        sorts by (``eval.itm_rerank_k``); a stage-1 or stage-2 model has the head."""
+        if "itm_head" not in self.config.modules:
+            raise ValueError(f"a {self.config.variant} checkpoint has no ITM head: matching "
+                             "scores come from a stage-1 or stage-2 model")
+        images = np.asarray(images, np.float32)
+        ids, mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
+        if not (len(images) == len(ids) == len(mask)):
+            raise ValueError(f"{len(images)} images, {len(ids)} texts: pass one text per image")
+        if not len(ids):
+            return np.zeros((0,), np.float32)
+        return self._batched(self._itm, [images, ids, mask], [0, self.tokenizer.pad_id, 1])

@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
         # at position 1 and the attribute prompts after [SEP]. Both on in the reference.
         stage1_symbol=True,
         stage1_attributes=True,
+        # "twins" (embedded set, stages 1 and 2): the products of each twin group, which differ
+        # in one local detail, are shuffled as one block, so they share a batch and are each
+        # other's in-batch negatives. "" = the reference's plain shuffle.
+        batch_groups="",
         num_workers=0,  # grain worker processes; 0 = threads in the main process
         num_threads=2,
         prefetch=4,
@@ -337,10 +341,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < lo <= hi <= 1")
+    if d.batch_groups not in ("", "twins"):
+        raise ConfigError(f"data.batch_groups={d.batch_groups!r}: use '' (plain shuffle) or 'twins'")
+    if d.batch_groups and (d.source != "synthetic" or config.stage == "tgir"):
+        raise ConfigError("data.batch_groups='twins' needs the embedded set's twin groups: "
+                          "data.source='synthetic' and stage pretrain or retrieval; set "
+                          "--config.data.batch_groups=''")
+    if l.itm_negatives not in ("hard", "random"):
+        raise ConfigError(f"loss.itm_negatives={l.itm_negatives!r}: use 'hard' (the reference's "
+                          "hard-negative mining) or 'random' (uniform in-batch negatives)")
     if config.stage == "pretrain" and not d.stage1_symbol and l.w_sym > 0:
         raise ConfigError("data.stage1_symbol=False leaves no symbol token for the symbol loss; set "
                           "--config.loss.w_sym=0 or keep the symbol")
-    for flag in ("scratch_warmup_queue", "scratch_warmup_maa_keys"):
+    for flag in ("scratch_warmup_queue", "scratch_warmup_maa_keys",
+                 "scratch_warmup_random_negatives"):
         if l[flag] and l.scratch_warmup_steps <= 0:
             raise ConfigError(f"loss.{flag}=True only changes the from-scratch warm-up, which is off "
                               "(loss.scratch_warmup_steps=0); set --config.loss.scratch_warmup_steps "

@@ -33,6 +33,10 @@ class LossConfig:
     w_rtp: float = 1.0
     # method_spec §10 B4: exclude same-product pairs from ITM negative sampling. Off = reference.
     itm_exclude_same_product: bool = False
+    # ITM negatives: "hard" draws each negative from the softmax of the online similarities
+    # (HNM, the reference); "random" draws it uniformly from the other items of the local batch
+    # (the ablation of hard-negative mining). Both honour itm_exclude_same_product.
+    itm_negatives: str = "hard"
     # method_spec §10 B3 (stage 2): keep product ids in an idx queue and use product-id ITC
     # targets, as stage 1 does, so an older copy of the same product is not a negative.
     # Off = reference (diagonal targets, no idx queue).
@@ -56,6 +60,11 @@ class LossConfig:
     # very features that retrieval ranks by. Off: the keys are the stop-gradient CLS features, as
     # the momentum keys of the reference would be with momentum 0.
     scratch_warmup_maa_keys: bool = False
+    # During that warm-up, draw the ITM negatives uniformly from the batch instead of by
+    # similarity. A random fusion encoder cannot tell a hard negative (by then the ITC ranks the
+    # batch well) from the positive, so the ITM loss never leaves its chance value; uniform
+    # negatives differ in category or colour and start the fusion learning.
+    scratch_warmup_random_negatives: bool = False
 
 
 def idx_targets(idx: jax.Array, idx_all: jax.Array) -> jax.Array:
@@ -110,18 +119,22 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -(targets * logp).sum(axis=-1).mean()
 
 
-def hard_negative_logits(sim: jax.Array, exclude: jax.Array | None = None) -> jax.Array:
+def hard_negative_logits(sim: jax.Array, exclude: jax.Array | None = None,
+                         hard: bool = True) -> jax.Array:
     """Sampling logits for ITM negatives from a (B, B) similarity block.
 
     The reference sets the diagonal to -1000, softmaxes, then zeroes the diagonal; sampling from
     that is sampling from softmax over j != b, i.e. logits with the diagonal at -inf. ``exclude``
-    (B, B) bool additionally removes pairs (same product, method_spec §10 B4 fix).
+    (B, B) bool additionally removes pairs (same product, method_spec §10 B4 fix). ``hard=False``
+    gives every allowed item the same logit: uniform random negatives.
     """
     b = sim.shape[0]
     drop = jnp.eye(b, dtype=bool)
     if exclude is not None:
         drop = drop | exclude
-    logits = jnp.where(drop, -jnp.inf, jax.lax.stop_gradient(sim).astype(jnp.float32))
+    # ``hard`` may be traced (the from-scratch warm-up switches it on at a step).
+    scores = jnp.where(hard, jax.lax.stop_gradient(sim).astype(jnp.float32), 0.0)
+    logits = jnp.where(drop, -jnp.inf, scores)
     # A row with nothing left to draw (every other item is the same product) falls back to
     # "any other item", so sampling stays defined.
     empty = jnp.all(drop, axis=1, keepdims=True)
@@ -130,15 +143,15 @@ def hard_negative_logits(sim: jax.Array, exclude: jax.Array | None = None) -> ja
 
 
 def sample_hard_negatives(rng: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array,
-                          exclude: jax.Array | None = None):
+                          exclude: jax.Array | None = None, hard: bool = True):
     """One negative per sample from the local batch (method_spec §3.2).
 
     sim_i2t / sim_t2i: (B, B) online similarities (first B columns). Returns
-    (neg_image_for_text (B,), neg_text_for_image (B,)) indices.
+    (neg_image_for_text (B,), neg_text_for_image (B,)) indices. ``hard=False``: uniform draws.
     """
     k_img, k_txt = jax.random.split(rng)
-    neg_image = jax.random.categorical(k_img, hard_negative_logits(sim_t2i, exclude), axis=-1)
-    neg_text = jax.random.categorical(k_txt, hard_negative_logits(sim_i2t, exclude), axis=-1)
+    neg_image = jax.random.categorical(k_img, hard_negative_logits(sim_t2i, exclude, hard), axis=-1)
+    neg_text = jax.random.categorical(k_txt, hard_negative_logits(sim_i2t, exclude, hard), axis=-1)
     return neg_image, neg_text
 
 

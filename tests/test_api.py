@@ -82,6 +82,28 @@ def test_encode_text_is_embed_texts_on_the_evaluation_layout(setup):
     assert model.encode_text([]).shape == (0, 32)
 
 
+def test_match_probability_is_the_itm_head_on_the_fused_pair(setup):
+    root, _, config, params = setup
+    model = FineModel.load(root / "weights", batch_size=2)
+    pixels = model.preprocess_images(images())
+    ids, mask = model.tokenize(TEXTS)
+    p = model.match_probability(pixels, ids, mask)
+    def itm(module, x, ids, mask):
+        fused = module.fuse(module.encode_text(ids, mask), mask, module.encode_image(x))
+        return module.itm_logits(fused)
+
+    logits = FashionFINE(config).apply({"params": params}, jnp.asarray(pixels), jnp.asarray(ids),
+                                       jnp.asarray(mask), method=itm)
+    assert p.shape == (3,) and p.dtype == np.float32
+    np.testing.assert_allclose(p, jax.nn.softmax(logits, axis=-1)[:, 1], rtol=1e-5)
+    # Pairing a different text with the same image changes the score: the head sees both.
+    swapped = model.match_probability(pixels, ids[::-1], mask[::-1])
+    assert not np.allclose(swapped, p)
+    with pytest.raises(ValueError, match="one text per image"):
+        model.match_probability(pixels[:2], ids, mask)
+    assert model.match_probability(pixels[:0], ids[:0], mask[:0]).shape == (0,)
+
+
 def test_load_a_training_workdir(setup, tmp_path):
     """A workdir's checkpoint (latest or a given step) with the vocab of its dataset."""
     root, cfg, config, params = setup

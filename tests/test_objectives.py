@@ -152,6 +152,23 @@ def test_hard_negatives_exclude_same_product():
         assert np.all(np.asarray(neg)[:2] >= 2) and np.all(np.asarray(neg)[2:] < 2)
 
 
+def test_random_negatives_are_uniform_over_the_allowed_items():
+    # A similarity that hard mining would follow almost surely: column 3 dominates every row.
+    b = 4
+    sim = np.zeros((b, b), np.float32)
+    sim[:, 3] = 50.0
+    exclude = jnp.asarray(np.array([0, 1, 2, 2])[:, None] == np.array([0, 1, 2, 2])[None, :])
+    keys = jax.random.split(jax.random.PRNGKey(3), 3000)
+    hard = jax.vmap(lambda k: obj.sample_hard_negatives(k, jnp.asarray(sim), jnp.asarray(sim))[0])(keys)
+    rand = jax.vmap(lambda k: obj.sample_hard_negatives(k, jnp.asarray(sim), jnp.asarray(sim),
+                                                        exclude, hard=False)[0])(keys)
+    assert np.all(np.asarray(hard[:, 0]) == 3)
+    freq = np.stack([np.bincount(np.asarray(rand[:, r]), minlength=b) for r in range(b)]) / 3000
+    allowed = ~np.asarray(exclude)
+    expected = allowed / allowed.sum(1, keepdims=True)
+    np.testing.assert_allclose(freq, expected, atol=0.04)
+
+
 def test_distill_alpha_ramps_over_epoch_zero():
     vals = [float(obj.distill_alpha(jnp.asarray(s), 100, 0.4)) for s in (0, 50, 99, 100, 250)]
     np.testing.assert_allclose(vals, [0.0, 0.2, 0.396, 0.4, 0.4], rtol=1e-6)

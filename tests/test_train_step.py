@@ -275,7 +275,36 @@ def test_scratch_warmup_maa_keys_contrast_the_maa_features_of_both_sides(cfg):
     np.testing.assert_allclose(float(m2["loss"]), float(m3["loss"]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("flag", ["scratch_warmup_queue", "scratch_warmup_maa_keys"])
+def test_scratch_warmup_random_negatives_then_hard_ones_and_alpha_ramps_after_it(cfg):
+    def make(random_negatives):
+        c = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
+        c.loss.scratch_warmup_steps = 2
+        c.loss.scratch_warmup_random_negatives = random_negatives
+        _, state, step = build(c)  # 100 steps per epoch
+        return c, state, jax.jit(step)
+
+    c, state, hard = make(False)
+    _, _, rand = make(True)
+    batch, key = make_batch(c), jax.random.PRNGKey(0)
+    # A warm-up step: the same keys and ITC, other negatives, so another ITM loss ...
+    _, m_hard = hard(state, batch, key)
+    s1, m_rand = rand(state, batch, key)
+    np.testing.assert_allclose(m_hard["loss_itc"], m_rand["loss_itc"], rtol=1e-6)
+    assert abs(float(m_hard["loss_itm"]) - float(m_rand["loss_itm"])) > 1e-4
+    alphas = [float(m_rand["alpha"])]
+    for i in range(1, 4):
+        s_next, m_rand = rand(s1, make_batch(c, seed=i), jax.random.PRNGKey(i))
+        if i >= 2:  # ... after it, the hard negatives of the reference.
+            _, m_hard = hard(s1, make_batch(c, seed=i), jax.random.PRNGKey(i))
+            np.testing.assert_allclose(m_hard["loss"], m_rand["loss"], rtol=1e-6)
+        alphas.append(float(m_rand["alpha"]))
+        s1 = s_next
+    # Distillation is off in the warm-up, then alpha ramps from 0 over the epoch after it.
+    assert alphas == pytest.approx([0.0, 0.0, 0.0, 0.004])
+
+
+@pytest.mark.parametrize("flag", ["scratch_warmup_queue", "scratch_warmup_maa_keys",
+                                  "scratch_warmup_random_negatives"])
 def test_warmup_options_without_the_warmup_are_a_config_error(flag):
     from fine_jax import config as config_lib
 

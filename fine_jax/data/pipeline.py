@@ -149,6 +149,55 @@ class TGIRTransform:
                 BAD_KEY: np.int32(record.get(BAD_KEY, 0))}
 
 
+class GroupedShuffle(grain.MapDataset):
+    """An epoch-wise shuffle that keeps each group's items next to each other.
+
+    Every epoch draws a fresh order of the groups and, inside each group, of its items (numpy
+    generator seeded by (seed, epoch)); consecutive items therefore land in the same batch, so a
+    group's members are each other's in-batch negatives. ``groups`` partitions ``range(len(parent))``
+    (an item in no group is a group of its own). Index ``epoch * len + k`` is item k of that
+    epoch's order, as grain's own shuffle does, so ``repeat`` reshuffles every epoch.
+    """
+
+    def __init__(self, parent: grain.MapDataset, groups: Sequence[Sequence[int]], seed: int):
+        super().__init__(parent)
+        n = len(parent)
+        seen = np.zeros(n, bool)
+        self._groups = []
+        for g in groups:
+            g = np.asarray(g, np.int64)
+            if g.size and (g.min() < 0 or g.max() >= n or seen[g].any() or len(set(g.tolist())) < g.size):
+                raise ValueError("batch groups must be disjoint sets of item indices in "
+                                 f"[0, {n})")
+            seen[g] = True
+            if g.size:
+                self._groups.append(g)
+        self._groups += [np.asarray([i]) for i in np.flatnonzero(~seen)]
+        self._seed = int(seed)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return "GroupedShuffle"
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The item order of one epoch (a permutation of ``range(len(self))``)."""
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng((self._seed, epoch))
+            parts = [self._groups[g][rng.permutation(len(self._groups[g]))]
+                     for g in rng.permutation(len(self._groups))]
+            self._order = (epoch, np.concatenate(parts))
+        return self._order[1]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, k = divmod(int(index), len(self))
+        return self._parent[int(self.order(epoch)[k]) + epoch * len(self)]
+
+
 def steps_per_epoch(num_records: int, global_batch: int) -> int:
     steps = num_records // global_batch
     if steps < 1:
@@ -159,15 +208,20 @@ def steps_per_epoch(num_records: int, global_batch: int) -> int:
 
 def training_stream(items: Sequence, transform, global_batch: int, seed: int,
                     num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                    num_threads: int = 2, prefetch: int = 4, num_workers: int = 0) -> grain.IterDataset:
-    """Host-local batches of ``transform(item, rng)`` over ``items`` (see the module docstring)."""
+                    num_threads: int = 2, prefetch: int = 4, num_workers: int = 0,
+                    groups: Sequence[Sequence[int]] | None = None) -> grain.IterDataset:
+    """Host-local batches of ``transform(item, rng)`` over ``items`` (see the module docstring).
+
+    ``groups`` (disjoint lists of item indices) replaces the plain shuffle by
+    :class:`GroupedShuffle`: each group's items arrive together (``data.batch_groups``).
+    """
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
     local_batch = global_batch // process_count
     ds = grain.MapDataset.source(items)
     # Shuffle before repeat: grain re-draws the permutation for every epoch (seed + epoch), and
     # batch() keeps each epoch's batches inside that epoch, like DistributedSampler + drop_last.
-    ds = ds.shuffle(seed=seed)
+    ds = ds.shuffle(seed=seed) if groups is None else GroupedShuffle(ds, groups, seed)
     # Each record's random choices are seeded by its position in the *global* stream, so they do
     # not depend on how many processes share it.
     ds = ds.random_map(transform, seed=seed + 1)

@@ -69,7 +69,8 @@ def sims_against_bank(query: jax.Array, local_keys: jax.Array, queue: jax.Array,
 
 
 def itm_loss_with_hard_negatives(apply, params, txt, mask, img, sim_i2t_b, sim_t2i_b, rng,
-                                 exclude=None, neg_image=None, neg_text=None, fuse_rng=None):
+                                 exclude=None, neg_image=None, neg_text=None, fuse_rng=None,
+                                 hard: bool = True):
     """ITM over 3B pairs with one hard negative image per text and one hard negative text per
     image, drawn from the local batch (method_spec §3.2).
 
@@ -82,7 +83,8 @@ def itm_loss_with_hard_negatives(apply, params, txt, mask, img, sim_i2t_b, sim_t
     """
     b = txt.shape[0]
     if neg_image is None or neg_text is None:
-        drawn_img, drawn_txt = obj.sample_hard_negatives(rng, sim_i2t_b, sim_t2i_b, exclude)
+        drawn_img, drawn_txt = obj.sample_hard_negatives(rng, sim_i2t_b, sim_t2i_b, exclude,
+                                                             hard)
         neg_image = drawn_img if neg_image is None else neg_image
         neg_text = drawn_txt if neg_text is None else neg_text
     txt_all = jnp.concatenate([txt, txt, txt[neg_text]], axis=0)

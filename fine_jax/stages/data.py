@@ -33,6 +33,31 @@ def _augment(cfg) -> pipeline.ImageAugment:
                                  d.randaug_m)
 
 
+def twin_groups(cfg, data, source) -> list[list[int]] | None:
+    """``data.batch_groups="twins"`` (the embedded set): the training products of each twin group,
+    as product indices of ``source``; None when batches are not grouped."""
+    if not cfg.data.batch_groups:
+        return None
+    from fine_jax.data import synthetic
+
+    parent: dict[int, int] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b, _ in synthetic.load_twins(data.root, "train"):
+        parent[find(a)] = find(b)
+    index_of = {int(pid): k for k, (pid, _) in enumerate(source.productid_list)}
+    groups: dict[int, list[int]] = {}
+    for pid in parent:
+        if pid in index_of:
+            groups.setdefault(find(pid), []).append(index_of[pid])
+    return [sorted(g) for g in groups.values()]
+
+
 def pretrain_data(cfg) -> TrainingData:
     data = datasets.resolve(cfg, splits=("train",))
     d = cfg.data
@@ -42,11 +67,15 @@ def pretrain_data(cfg) -> TrainingData:
         hflip=d.hflip, randaug_n=d.randaug_n, randaug_m=d.randaug_m,
         fix_mlm_labels=d.fix_mlm_labels, symbol=d.stage1_symbol, attributes=d.stage1_attributes)
     bg = cfg.train.global_batch_size
+    products = twin_groups(cfg, data, data.train)
+    # Stage 1 items are image rows: a group is every image of its products.
+    rows = None if products is None else [
+        [int(r) for p in g for r in data.train.productid_list[p][1]] for g in products]
 
     def stream(seed, process_index=0, process_count=1):
         return pipeline.train_dataset(data.train, transform, bg, seed=seed, num_epochs=None,
                                       process_index=process_index, process_count=process_count,
-                                      **_stream_kwargs(cfg))
+                                      groups=rows, **_stream_kwargs(cfg))
 
     return TrainingData(len(data.train), data.tokenizer.vocab_size,
                         f"train rows {len(data.train)} ({data.train.num_products} products)",
@@ -58,11 +87,12 @@ def retrieval_data(cfg) -> TrainingData:
     transform = pipeline.Stage2Transform(data.train, data.tokenizer,
                                          _augment(cfg), cfg.data.max_len)
     bg = cfg.train.global_batch_size
+    groups = twin_groups(cfg, data, data.train)  # stage 2 items are products
 
     def stream(seed, process_index=0, process_count=1):
         return pipeline.stage2_dataset(transform, bg, seed=seed, num_epochs=None,
                                        process_index=process_index, process_count=process_count,
-                                       **_stream_kwargs(cfg))
+                                       groups=groups, **_stream_kwargs(cfg))
 
     n = data.train.num_products
     return TrainingData(n, data.tokenizer.vocab_size,

@@ -107,7 +107,9 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         exclude = (idx[:, None] == idx[None, :]) if c.itm_exclude_same_product else None
         loss_itm, pos, _ = common.itm_loss_with_hard_negatives(
             apply, params, txt, mask, img, sim_i2t[:, :b], sim_t2i[:, :b], r_neg, exclude,
-            batch.get("neg_image"), batch.get("neg_text"), fuse_rng=r_fuse)
+            batch.get("neg_image"), batch.get("neg_text"), fuse_rng=r_fuse,
+            hard=c.itm_negatives == "hard" and (
+                queue_on if warmup and c.scratch_warmup_random_negatives else True))
 
         # MLM and replaced-token prediction on the positive fusion.
         loss_mlm = obj.mlm_loss(apply(params, M.mlm_logits, pos), batch["mask_labels"])
@@ -126,7 +128,10 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         # queue_on is False only during the from-scratch warm-up (see LossConfig).
         queue_on = state["step"] >= c.scratch_warmup_steps
         m = c.momentum
-        alpha = obj.distill_alpha(state["step"], steps_per_epoch, c.alpha, c.alpha_warmup)
+        # After a from-scratch warm-up, distillation starts as in a fresh reference run: alpha
+        # ramps up over the epoch that follows the warm-up.
+        alpha = obj.distill_alpha(state["step"] - (c.scratch_warmup_steps if warmup else 0),
+                                  steps_per_epoch, c.alpha, c.alpha_warmup)
         if warmup:
             m = jnp.where(queue_on, m, 0.0)
             alpha = jnp.where(queue_on, alpha, 0.0)

@@ -75,7 +75,8 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         exclude = (idx[:, None] == idx[None, :]) if c.itm_exclude_same_product else None
         loss_itm, _, _ = common.itm_loss_with_hard_negatives(
             apply, params, txt, mask, img, sim_i2t[:, :b], sim_t2i[:, :b], r_neg, exclude,
-            batch.get("neg_image"), batch.get("neg_text"), fuse_rng=r_fuse)
+            batch.get("neg_image"), batch.get("neg_text"), fuse_rng=r_fuse,
+            hard=c.itm_negatives == "hard")
 
         total = c.w_itc * loss_itc + c.w_itm * loss_itm
         metrics = {"loss": total, "loss_itc": loss_itc, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i,
