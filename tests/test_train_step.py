@@ -77,6 +77,39 @@ def test_masked_pooling_fix_gives_padding_no_weight(cfg):
     assert np.all(np.asarray(w)[:, c.data.max_len // 2 - 2:] == 0)
 
 
+def test_symbol_one_way_hides_the_symbol_from_the_caption_only(cfg):
+    c = tiny_config(vocab_size=512, symbol_one_way=True, hidden_dropout=0.0,
+                    attention_dropout=0.0)
+    model, state, _ = build(c)
+    p = {"params": state["params"]}
+    ids = np.asarray(make_batch(c)["input_ids"]).copy()
+    mask = np.ones_like(ids)
+    ids[:, 1] = 3  # a symbol at position 1
+    other = ids.copy()
+    other[:, 1] = 7  # another symbol
+    words = ids.copy()
+    words[:, 1] = 200  # a word, as in every evaluation caption
+
+    def states(x, model=model):
+        return np.asarray(model.apply(p, jnp.asarray(x), jnp.asarray(mask),
+                                      method=FashionFINE.encode_text))
+
+    a, b = states(ids), states(other)
+    # The caption's states, [CLS] included, do not depend on which symbol is there ...
+    np.testing.assert_allclose(np.delete(a, 1, axis=1), np.delete(b, 1, axis=1), atol=1e-5)
+    # ... while the symbol's own state does, and reads the caption.
+    assert np.abs(a[:, 1] - b[:, 1]).max() > 1e-3
+    changed = ids.copy()
+    changed[:, 3] = 201
+    assert np.abs(states(changed)[:, 1] - a[:, 1]).max() > 1e-3
+    # Without a symbol at position 1 the flag changes nothing; with one, the reference model's
+    # caption states do depend on the symbol.
+    ref = FashionFINE(config_lib.model_config(tiny_config(vocab_size=512, hidden_dropout=0.0,
+                                                          attention_dropout=0.0)))
+    np.testing.assert_allclose(states(words), states(words, ref), atol=1e-6)
+    assert np.abs(np.delete(states(ids, ref) - states(other, ref), 1, axis=1)).max() > 1e-3
+
+
 def test_momentum_covers_exactly_six_modules(cfg):
     _, state, _ = build(cfg)
     assert set(state["momentum"]) == set(MOMENTUM_MODULES)

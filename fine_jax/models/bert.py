@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fine_jax.models.layers import (attention_bias, dot_product_attention, gelu, merge_heads, normal,
-                                    split_heads)
+from fine_jax.models.layers import (MASK_BIAS, attention_bias, dot_product_attention, gelu,
+                                    merge_heads, normal, split_heads)
 
 Dtype = Any
 
@@ -131,6 +131,21 @@ class BertEmbeddings(nn.Module):
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
+SYMBOL_IDS = (1, 9)  # first and last id of the category symbols in the vocab (method_spec §4.3)
+
+
+def symbol_one_way_bias(input_ids: jax.Array) -> jax.Array:
+    """(B, L) ids -> (B, 1, L, L) additive bias hiding key position 1 from every other query,
+    for the rows whose position 1 holds a symbol token (``model.symbol_one_way``)."""
+    n = input_ids.shape[1]
+    if n < 2:
+        return jnp.zeros((input_ids.shape[0], 1, n, n), jnp.float32)
+    has_symbol = (input_ids[:, 1] >= SYMBOL_IDS[0]) & (input_ids[:, 1] <= SYMBOL_IDS[1])
+    query, key = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    hidden = (key == 1) & (query != 1)
+    return jnp.where(has_symbol[:, None, None, None] & hidden[None, None], MASK_BIAS, 0.0)
+
+
 class XBert(nn.Module):
     vocab_size: int
     hidden: int
@@ -145,6 +160,7 @@ class XBert(nn.Module):
     ln_eps: float = 1e-12
     dtype: Dtype = jnp.float32
     pad_id: int | None = 0
+    symbol_one_way: bool = False
 
     def setup(self):
         self.embeddings = BertEmbeddings(self.vocab_size, self.hidden, self.max_positions,
@@ -161,6 +177,8 @@ class XBert(nn.Module):
         """Text mode: (B, L) ids -> (B, L, hidden) text states."""
         x = self.embeddings(input_ids, deterministic)
         bias = attention_bias(attention_mask)
+        if self.symbol_one_way:
+            bias = bias + symbol_one_way_bias(input_ids)
         for layer in self.layers[: self.fusion_layer]:
             x = layer(x, bias, deterministic)
         return x

@@ -80,6 +80,11 @@ class ModelConfig:
     text_local_start: int = 2
     # method_spec §10 B1: mask padding in MAA/phrase pooling. Off = reference behaviour.
     mask_padding_in_pooling: bool = False
+    # The symbol token (ids 1-9 at position 1) is read by no other token in the text layers: its
+    # state still attends to the whole caption (the symbol feature of the symbol loss), but the
+    # caption's states, [CLS] included, cannot take the category from it. Off = reference (full
+    # attention). A caption without a symbol at position 1, as every evaluation text, is unchanged.
+    symbol_one_way: bool = False
     dtype: str = "float32"
 
     def validate(self) -> None:
@@ -154,7 +159,8 @@ class FashionFINE(nn.Module):
         self.text_encoder = XBert(c.vocab_size, c.hidden_size, c.num_layers, c.fusion_layer,
                                   c.num_heads, c.intermediate_size, c.max_position_embeddings,
                                   c.type_vocab_size, c.hidden_dropout, c.attention_dropout,
-                                  c.bert_ln_eps, dt, c.pad_token_id)
+                                  c.bert_ln_eps, dt, c.pad_token_id,
+                                  symbol_one_way=c.symbol_one_way)
         self.vision_proj = torch_dense(c.embed_dim, c.vision_width, dtype=dt)
         self.text_proj = torch_dense(c.embed_dim, c.hidden_size, dtype=dt)
         self.combine_vision_proj = torch_dense(c.embed_dim, c.embed_dim, dtype=dt)

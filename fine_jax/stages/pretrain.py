@@ -45,11 +45,12 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
     reference trains with BERT dropout 0.1, online and momentum). A batch may carry
     ``neg_image`` / ``neg_text`` (B,) indices to use instead of drawing the ITM hard negatives.
 
-    ``total_steps``, when given and covered entirely by the from-scratch warm-up, lets the step
-    skip the momentum forward: during the warm-up the momentum coefficient is 0, so the momentum
-    towers hold the online weights and their features equal the online global features (exactly
-    so without dropout; with dropout the momentum BERT would draw its own mask). Nothing else
-    changes, and the momentum copies and queues are still kept up to date.
+    During the from-scratch warm-up the step skips the momentum forward: the momentum coefficient
+    is 0, so the momentum towers hold the online weights and their features equal the online
+    global features (exactly so without dropout; with dropout the momentum BERT would draw its
+    own mask). Nothing else changes, and the momentum copies and queues are still kept up to
+    date. ``total_steps``, when given and covered entirely by the warm-up, leaves the momentum
+    forward out of the compiled step altogether; otherwise a conditional picks it per step.
     """
     M = FashionFINE
     apply = common.make_apply(model)
@@ -71,12 +72,20 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         g_v, z_v, _ = apply(params, M.image_features, img)
         g_t, z_t, _ = apply(params, M.text_features, txt, mask)
 
+        def online_global():
+            return jax.lax.stop_gradient(g_v), jax.lax.stop_gradient(g_t)
+
+        def momentum_global():
+            # Global CLS only, no MAA; the momentum BERT runs with dropout (B15).
+            return common.momentum_global_features(apply, params, momentum, images, ids, mask,
+                                                   r_txt_m)
+
         if online_keys:  # warm-up for the whole run: momentum == online (see the docstring)
-            g_v_m, g_t_m = jax.lax.stop_gradient(g_v), jax.lax.stop_gradient(g_t)
+            g_v_m, g_t_m = online_global()
+        elif warmup:  # the same shortcut for the warm-up steps only
+            g_v_m, g_t_m = jax.lax.cond(queue_on, momentum_global, online_global)
         else:
-            # Momentum features: global CLS only, no MAA; the momentum BERT runs with dropout (B15).
-            g_v_m, g_t_m = common.momentum_global_features(apply, params, momentum, images, ids,
-                                                           mask, r_txt_m)
+            g_v_m, g_t_m = momentum_global()
 
         # Focal ITC with distillation against [local batch; queue] keys and product-id targets.
         temp = params["temp"]
