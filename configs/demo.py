@@ -20,32 +20,35 @@ def get_config(size=None):
     c.stage = "pretrain"
     c.data.source = "synthetic"
     c.data.data_dir = "~/.cache/fine_jax/synthetic"
-    c.data.max_len = 48  # every evaluation caption fits (at most 36 word-pieces)
     c.data.crop_scale = (0.8, 1.0)  # 64 px images: a 50% crop would cut away the local details
     # No RandAugment: ALBEF's AutoContrast whitens colour channels (reproduced by default) and
     # colour is a key attribute here; measured, the demo learns faster without it.
     c.data.randaug_n = 0
     c.data.num_threads = 2
     c.data.fix_mlm_labels = True
-    c.data.stage1_symbol = False  # description-only training text, see the README
-    c.data.stage1_attributes = False
+    c.data.stage1_symbol = True  # the symbol token at position 1, for the symbol loss ...
+    c.model.symbol_one_way = True  # ... which the caption cannot read (see the README)
+    c.data.stage1_attributes = False  # description-only text after it, as evaluation reads
 
     apply_size(c, "demo")
+    c.data.max_len = 44  # [CLS] [symbol] + prompt + the longest caption (36 word-pieces) + [SEP]
     c.model.vocab_size = 0  # 0: taken from the generated vocab
     c.loss.queue_size = 1024
-    c.loss.scratch_warmup_steps = 1_000_000  # the whole run, see the README
-    c.loss.w_itc = 4.0
-    c.loss.gamma_focal = 0.0
-    c.loss.w_sym = 0.0  # no symbol token (the warm-up would zero the symbol loss anyway)
+    # From-scratch warm-up for the first half of the run, then the reference objective.
+    c.loss.scratch_warmup_steps = 225
     c.loss.scratch_warmup_maa_keys = True
-    c.init.vit_pretrain_steps = 600
+    c.loss.scratch_warmup_random_negatives = True
+    c.loss.temp_min = 0.05
+    c.loss.w_itc = 4.0  # undoes the focal alpha of 0.25
+    c.loss.w_sym = 0.1
+    c.init.vit_pretrain_steps = 400
     c.init.vit_pretrain_lr = 1e-3
     c.loss.itm_exclude_same_product = True
     c.model.hidden_dropout = 0.0
     c.model.attention_dropout = 0.0
 
     c.train.global_batch_size = 64
-    c.optim.epochs = 8
+    c.optim.epochs = 6
     c.optim.lr = 5e-4
     c.optim.warmup_lr = 5e-5
     c.optim.min_lr = 5e-5

@@ -20,6 +20,8 @@ def get_config(size=None):
     c.init.vit_pretrain_steps = 0
     c.loss.scratch_warmup_steps = 0
     c.loss.scratch_warmup_maa_keys = False
+    c.loss.scratch_warmup_random_negatives = False
+    c.eval.itm_rerank_k = 0
     c.loss.w_itc = 1.0
     c.loss.gamma_focal = 2.0
     c.optim.update(dict(lr=1e-4, warmup_lr=1e-5, min_lr=1e-5, warmup_units=1, warmup_unit_iters=10,
