@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 STAGES = ("pretrain", "retrieval", "tgir")
 # The model variant each stage trains (fine_jax.models.fine.VARIANT_MODULES).
 STAGE_VARIANT = {"pretrain": "pretrain", "retrieval": "retrieval", "tgir": "tgir"}
-VIT_PRETRAIN_LABELS = ("subcategory", "category")  # the record fields init.vit_pretrain_label names
+# What init.vit_pretrain_label may name: a record field to classify by, or the description's words.
+VIT_PRETRAIN_LABELS = ("subcategory", "category", "caption_words")
 
 # Named model sizes, chosen with --config=configs/FILE.py:NAME. "base" is the reference
 # (ViT-B/16 @ 256 px + BERT-base 6+6). "tiny" is the size of the tests and of
@@ -154,7 +155,8 @@ def base_config() -> ml_collections.ConfigDict:
         vit="",  # timm/DeiT ViT-B/16 .pth / .safetensors / folder, or a hub id (allow_download)
         allow_download=False,  # let init.bert / init.vit fetch a Hugging Face hub id
         # Supervised ViT warm-start before stage 1 on a fresh run (fine_jax.vit_pretrain): steps of
-        # classifying the training images by this label, at this peak learning rate. 0 = off.
+        # predicting this label of the training images (subcategory, category, or caption_words:
+        # which words the description has), at this peak learning rate. 0 = off.
         vit_pretrain_steps=0,
         vit_pretrain_label="subcategory",
         vit_pretrain_lr=5e-4,
@@ -302,6 +304,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
             f"loss.queue_size={l.queue_size} is not divisible by {what}, {qb} "
             f"(train.global_batch_size={bg}): the queue pointer must advance in whole batches. "
             f"Use e.g. --config.loss.queue_size={max(qb, (l.queue_size // qb) * qb)}")
+    if not 0.0 < l.mlm_max_fraction <= 1.0:
+        raise ConfigError(f"loss.mlm_max_fraction={l.mlm_max_fraction} must lie in (0, 1]: the "
+                          "share of text positions the gathered MLM buffer holds")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if t[key] < 1:
             raise ConfigError(f"train.{key}={t[key]} must be at least 1")

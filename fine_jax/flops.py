@@ -139,12 +139,14 @@ def features(m, length: int, train: bool, symbol: bool) -> Tally:
     return t
 
 
-def _mlm_positions(cfg) -> float:
-    """Rows the MLM head runs on per caption: all positions, or the gathered masked ones."""
-    length = cfg.data.max_len
-    if getattr(cfg.loss, "mlm_gather", False):
-        return min(length, cfg.loss.mlm_max_fraction * length)
-    return length
+def mlm_rows(cfg, batch: int) -> int:
+    """Rows the MLM head runs on for ``batch`` captions: every position, or the gathered buffer
+    (``loss.mlm_gather``; the step takes every position only for a batch that overflows it)."""
+    from fine_jax.objectives import mlm_buffer_rows
+    length = int(cfg.data.max_len)
+    if cfg.loss.get("mlm_gather", False):
+        return mlm_buffer_rows(batch, length, cfg.loss.mlm_max_fraction)
+    return batch * length
 
 
 def contrastive(t: Tally, rows: float, columns: float, e: int, grad_sims: int, no_grad_sims: int):
@@ -176,7 +178,7 @@ def step_flops(cfg, batch: int | None = None) -> Tally:
         heads.add("itm", 3 * b, m.hidden_size, 2, _w(True))
         if cfg.stage == "pretrain":
             h = m.hidden_size
-            rows = b * _mlm_positions(cfg)
+            rows = mlm_rows(cfg, b)
             heads.add("mlm", rows, h, h, _w(True))
             heads.add("mlm", rows, h, m.vocab_size, _w(True))
             heads.add("rtp", b * length, h, h, _w(True))

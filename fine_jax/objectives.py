@@ -6,6 +6,8 @@ is tested directly against a NumPy transcription of its formula.
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +67,13 @@ class LossConfig:
     # batch well) from the positive, so the ITM loss never leaves its chance value; uniform
     # negatives differ in category or colour and start the fusion learning.
     scratch_warmup_random_negatives: bool = False
+    # Run the MLM head (its 30,522-word decoder is most of a small model's step) only on the
+    # positions that carry an MLM target: they are gathered into a static buffer of
+    # ceil(mlm_max_fraction x local batch x text length) rows. The loss is the same as on every
+    # position; a batch with more targets than the buffer holds takes the full computation (both
+    # are compiled, a conditional picks one). Off: every position, as the reference.
+    mlm_gather: bool = True
+    mlm_max_fraction: float = 0.25
 
 
 def idx_targets(idx: jax.Array, idx_all: jax.Array) -> jax.Array:
@@ -184,6 +193,38 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, ignore: int = IGN
 
 def mlm_loss(mlm_logits: jax.Array, mask_labels: jax.Array) -> jax.Array:
     return masked_cross_entropy(mlm_logits, mask_labels)
+
+
+def mlm_buffer_rows(batch: int, length: int, fraction: float) -> int:
+    """Rows of the gathered MLM buffer for a (batch, length) text batch."""
+    return max(1, min(batch * length, math.ceil(fraction * batch * length)))
+
+
+def gathered_mlm_loss(head: Callable[[jax.Array], jax.Array], states: jax.Array,
+                      mask_labels: jax.Array, rows: int) -> jax.Array:
+    """:func:`mlm_loss` of ``head(states)`` with the head run on the labelled positions only.
+
+    states (B, L, D), mask_labels (B, L); ``head`` maps (..., D) -> (..., V) position by position.
+    The labelled positions are gathered (in order) into ``rows`` rows; unused rows are padded with
+    position 0 and an ignored label. When a batch has more labelled positions than ``rows``, the
+    head runs on every position instead, so the loss is always the full computation's.
+    """
+    flat_states = states.reshape(-1, states.shape[-1])
+    flat_labels = mask_labels.reshape(-1)
+    valid = flat_labels != IGNORE_LABEL
+    count = valid.sum()
+
+    def gathered():
+        (pick,) = jnp.nonzero(valid, size=rows, fill_value=0)
+        labels = jnp.where(jnp.arange(rows) < count, flat_labels[pick], IGNORE_LABEL)
+        return masked_cross_entropy(head(flat_states[pick]), labels)
+
+    def every_position():
+        return masked_cross_entropy(head(flat_states), flat_labels)
+
+    if rows >= flat_labels.shape[0]:
+        return every_position()
+    return jax.lax.cond(count <= rows, gathered, every_position)
 
 
 def rtp_loss(rtp_logits: jax.Array, replace_labels: jax.Array) -> jax.Array:

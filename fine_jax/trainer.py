@@ -27,6 +27,7 @@ import numpy as np
 
 from fine_jax import config as config_lib
 from fine_jax import faults
+from fine_jax import flops as flops_lib
 from fine_jax import parallel, stages, vit_pretrain
 from fine_jax.checkpoint import BEST_DIR, Checkpointer, best_info, save_weights
 from fine_jax.checkpoint import CheckpointWriteError, close_all, complete_steps
@@ -91,9 +92,28 @@ def format_eta(seconds: float) -> str:
 
 def format_line(step: int, total: int, metrics: dict, terms, ex_per_s: float, eta: float) -> str:
     losses = " ".join(f"{k[5:] if k.startswith('loss_') else k} {metrics[k]:.4f}" for k in terms)
+    speed = f"{ex_per_s:.1f} pairs/s"
+    if "mfu" in metrics:
+        speed += f" | MFU {100 * metrics['mfu']:.1f}%"
+    if "input_wait_frac" in metrics:
+        speed += f" | input wait {100 * metrics['input_wait_frac']:.0f}%"
     return (f"step {step}/{total} | {losses} | lr {metrics.get('lr', 0):.2e} "
-            f"temp {metrics['temp']:.4f} alpha {metrics['alpha']:.3f} | {ex_per_s:.1f} ex/s | "
+            f"temp {metrics['temp']:.4f} alpha {metrics['alpha']:.3f} | {speed} | "
             f"ETA {format_eta(eta)}")
+
+
+def throughput_metrics(steps: int, seconds: float, input_wait: float, batch: int,
+                       flops_per_step: float, peak_flops: float) -> dict:
+    """Speed figures of a logging window: ``steps`` steps in ``seconds`` of wall time, of which
+    ``input_wait`` seconds the loop spent waiting for the next batch (data pipeline and host-to-
+    device transfer). MFU is the model FLOPs (fine_jax.flops) over ``peak_flops``, the peak of
+    all the devices together."""
+    if steps <= 0 or seconds <= 0:
+        return {}
+    step_s = seconds / steps
+    return {"pairs_per_s": steps * batch / seconds, "step_s": step_s,
+            "input_wait_s": input_wait / steps, "input_wait_frac": min(1.0, input_wait / seconds),
+            "mfu": flops_lib.mfu(flops_per_step, step_s, 1, peak_flops)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +299,12 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
         + ("device (reference semantics)" if cfg.parallel.batch_semantics == "per_group"
            else "global batch"))
 
+    step_flops = flops_lib.step_flops(cfg)
+    peak_per_device, peak_source = flops_lib.device_peak_flops(jax.devices()[0], cfg.model.dtype)
+    peak_flops = peak_per_device * jax.device_count()
+    log(f"model FLOPs: {flops_lib.summary(step_flops)}; peak {peak_per_device / 1e12:.3g} "
+        f"TFLOP/s per device ({peak_source})")
+
     data_iter = iter(data.stream(cfg.train.seed, jax.process_index(), jax.process_count()))
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
     start = ckpt.latest_step()
@@ -364,7 +390,7 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
                 f"{128 + signum}). Rerun with the same --workdir to continue from there")
         raise faults.Interrupted(signum)
 
-    t_last, n_last = time.time(), start
+    t_last, n_last, input_wait = time.time(), start, 0.0
     t_start = time.time()
     step = start
     results = None
@@ -377,9 +403,11 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
                 stop_on_signal(step, signum)
             if step >= total_steps:
                 break
+            t_wait = time.perf_counter()
             host_batch = next(data_iter)
             bad_records += int(np.sum(host_batch.pop(pipeline.BAD_KEY, 0)))
             batch = parallel.global_batch(host_batch, mesh)
+            input_wait += time.perf_counter() - t_wait
             state, metrics = jstep(state, batch, jax.random.fold_in(base_rng, step))
             step += 1
             unchecked.append((step, metrics))
@@ -387,24 +415,27 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
             if step == start + 1:
                 jax.block_until_ready(metrics)
                 log(f"first step (with compilation) took {time.time() - t_start:.1f}s")
-                t_last, n_last = time.time(), step
+                t_last, n_last, input_wait = time.time(), step, 0.0
             if step % cfg.train.log_every == 0 or step == total_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
                 rate = (step - n_last) * bg / max(now - t_last, 1e-9) if step > n_last else 0.0
                 eta = (total_steps - step) * bg / rate if rate > 0 else 0.0
                 metrics.update(examples_per_s=rate, epoch=step / spe, bad_records=bad_records)
+                metrics.update(throughput_metrics(step - n_last, now - t_last, input_wait, bg,
+                                                  step_flops.total, peak_flops))
                 writer.write(step, metrics)
                 log(format_line(step, total_steps, metrics, stage.log_terms, rate, eta) +
                     (f" | {bad_records} unreadable records replaced" if bad_records else ""))
                 check_finite(step)
                 ckpt.poll()  # a failed background write ends the run here, not at the next save
-                t_last, n_last = now, step
+                t_last, n_last, input_wait = now, step, 0.0
             if every and step % (every * spe) == 0 and step < total_steps:
                 save(step, force=True)
                 results = selection(model, state, mesh, step, step / spe)
                 evaluated_at = step
-                t_last, n_last = time.time(), step  # the rate excludes the evaluation
+                # the rate excludes the evaluation
+                t_last, n_last, input_wait = time.time(), step, 0.0
             elif step % cfg.train.checkpoint_every == 0 and step < total_steps:
                 save(step)
         save(step, force=True)

@@ -1,12 +1,19 @@
-"""Supervised warm-start of the image tower on the training split's class labels.
+"""Supervised warm-start of the image tower on the training split's labels.
 
 The reference never trains its ViT from random weights: stage 1 starts from ALBEF, whose ViT
 starts from DeiT, an ImageNet-supervised classifier. A run without such weights can give the ViT
-the same kind of start here: ``init.vit_pretrain_steps`` steps of plain classification of the
-training images into ``init.vit_pretrain_label`` (``subcategory`` or ``category``), a linear
-head on the CLS token, cross-entropy, AdamW with a warm-up and a cosine decay. Only the ViT is
-kept; the head is dropped, and the momentum ViT is set to a copy, as at any start. Only training
-rows are read.
+the same kind of start here: ``init.vit_pretrain_steps`` steps of supervised training on the
+training images, a linear head on the CLS token, AdamW with a warm-up and a cosine decay. The
+label ``init.vit_pretrain_label`` is one of
+
+* ``subcategory`` or ``category``: plain classification, softmax cross-entropy;
+* ``caption_words``: which words the image's description contains, a multi-label sigmoid
+  cross-entropy over the words found in at least ``CAPTION_WORD_MIN_ROWS`` training descriptions
+  (and not in all of them). Captions name colours, patterns and local details, so the ViT has to
+  see those, not only the silhouette a subcategory needs.
+
+Only the ViT is kept; the head is dropped, and the momentum ViT is set to a copy, as at any start.
+Only training rows are read.
 
 Off by default; configs/demo.py runs 600 steps at a peak learning rate of 1e-3. On the embedded
 demo the ViT then learns the silhouette that the contrastive objective from random weights never
@@ -14,7 +21,9 @@ picks up (the README gives the measurements).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import re
 import time
 from typing import Any, Callable, Mapping
 
@@ -30,19 +39,36 @@ from fine_jax.data import pipeline
 from fine_jax.models.fine import FashionFINE, vision_tower
 
 
+CAPTION_WORD_MIN_ROWS = 5  # a caption word is a label when at least this many rows have it
+_WORD = re.compile(r"[a-z]+")
+
+
+def caption_words(text: str) -> set[str]:
+    """The lower-cased alphabetic words of a description."""
+    return set(_WORD.findall(text.lower()))
+
+
 def class_table(source, label: str) -> dict[str, int]:
-    """Label string -> class id, sorted, over the rows of ``source``."""
+    """Label string -> class id, sorted, over the rows of ``source``. For ``caption_words`` the
+    labels are the words of at least ``CAPTION_WORD_MIN_ROWS`` descriptions, minus any word that
+    every description has (it says nothing about the image)."""
     if label not in VIT_PRETRAIN_LABELS:
         raise ConfigError(f"init.vit_pretrain_label={label!r}: use one of "
                           f"{', '.join(VIT_PRETRAIN_LABELS)}")
+    if label == "caption_words":
+        rows = source.metadata()["description"]
+        counts = collections.Counter(w for text in rows for w in caption_words(text))
+        words = [w for w, n in counts.items() if CAPTION_WORD_MIN_ROWS <= n < len(rows)]
+        return {w: i for i, w in enumerate(sorted(words))}
     values = source.row_subcategory if label == "subcategory" else source.row_category
     return {v: i for i, v in enumerate(sorted(set(values)))}
 
 
 @dataclasses.dataclass
 class ClassifyTransform:
-    """One image row -> the image (resized, randomly flipped, normalised) and its class id
-    (picklable for grain workers). No random crop: its aspect-ratio jitter blurs what separates
+    """One image row -> the image (resized, randomly flipped, normalised) and its label: the class
+    id, or for ``caption_words`` a multi-hot float vector over ``classes`` (picklable for grain
+    workers). No random crop: its aspect-ratio jitter blurs what separates
     classes such as long and short dresses."""
 
     classes: Mapping[str, int]
@@ -55,23 +81,42 @@ class ClassifyTransform:
         if self.hflip and rng.random() < 0.5:
             img = img[:, ::-1]
         img = image_ops.normalize(np.ascontiguousarray(img))
-        return {"image": img, "label": np.int32(self.classes[record[self.label]]),
+        if self.label == "caption_words":
+            target = np.zeros((len(self.classes),), np.float32)
+            idx = [self.classes[w] for w in caption_words(record["description"])
+                   if w in self.classes]
+            target[idx] = 1.0
+        else:
+            target = np.int32(self.classes[record[self.label]])
+        return {"image": img, "label": target,
                 pipeline.BAD_KEY: np.int32(record.get(pipeline.BAD_KEY, 0))}
 
 
 def classification_loss(model: FashionFINE, vit: dict, head: dict, images: jax.Array,
                         labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy of the linear head on the ViT CLS token, and the accuracy."""
+    """The loss of the linear head on the ViT CLS token, and its score.
+
+    Integer ``labels`` (B,): mean softmax cross-entropy, and the accuracy. Multi-hot ``labels``
+    (B, K): the sigmoid cross-entropy summed over the K words and averaged over the batch, and
+    the micro-F1 of the words predicted with probability above 1/2.
+    """
     tokens = vision_tower(model.config).apply({"params": vit}, images)
     logits = tokens[:, 0].astype(jnp.float32) @ head["kernel"] + head["bias"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+    if labels.ndim == 1:
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+    loss = optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1).mean()
+    predicted = (logits > 0).astype(jnp.float32)
+    true_pos = jnp.sum(predicted * labels)
+    f1 = 2 * true_pos / jnp.maximum(jnp.sum(predicted) + jnp.sum(labels), 1.0)
+    return loss, f1
 
 
 def pretrain_vit(cfg, model: FashionFINE, state: dict, train_source,
                  log: Callable[[str], None] = print, mesh=None) -> tuple[dict, list[dict]]:
     """``state`` with ``params`` and ``momentum`` ``visual_encoder`` replaced by the trained ViT,
-    and the logged history: one {step, loss, accuracy} per ``train.log_every`` steps. It trains
+    and the logged history: one {step, loss, accuracy} per ``train.log_every`` steps (for
+    ``caption_words`` the "accuracy" is the word micro-F1). It trains
     data-parallel over ``mesh`` (default: all devices), the ViT and its head replicated."""
     steps = int(cfg.init.vit_pretrain_steps)
     label = cfg.init.vit_pretrain_label
@@ -114,7 +159,10 @@ def pretrain_vit(cfg, model: FashionFINE, state: dict, train_source,
 
     jstep = jax.jit(step_fn, in_shardings=(repl, repl, batch_shard),
                     out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
-    log(f"ViT warm-start: {steps} steps of {len(classes)}-way {label} classification, batch {bg}, "
+    task = (f"predicting {len(classes)} caption words" if label == "caption_words"
+            else f"{len(classes)}-way {label} classification")
+    score_name = "word F1" if label == "caption_words" else "accuracy"
+    log(f"ViT warm-start: {steps} steps of {task}, batch {bg}, "
         f"lr {lr:g}")
     t0 = time.time()
     t_last, n_last, window, history = t0, 0, [], []
@@ -139,7 +187,7 @@ def pretrain_vit(cfg, model: FashionFINE, state: dict, train_source,
             now = time.time()
             rate = (step - n_last) * bg / max(now - t_last, 1e-9)
             eta = (steps - step) * bg / rate
-            log(f"ViT warm-start {step}/{steps} | loss {loss:.4f} | train accuracy {acc:.1f}% | "
+            log(f"ViT warm-start {step}/{steps} | loss {loss:.4f} | train {score_name} {acc:.1f}% | "
                 f"{rate:.1f} ex/s | ETA {eta:.0f}s")
             if not np.isfinite(loss):
                 raise faults.NonFiniteError(

@@ -111,6 +111,42 @@ def test_mlm_loss_ignores_unlabelled_positions(rng):
     chex.assert_trees_all_close(grad, jnp.zeros((2, 6, 11)))
 
 
+@pytest.mark.parametrize("rows", [3, 5, 12, 30])
+def test_gathered_mlm_loss_equals_the_full_computation(rng, rows):
+    """The head on the gathered labelled positions gives the loss and gradients of the head on
+    every position: with room to spare (12, 30), exactly full (5), and overflowing (3, which
+    takes the every-position branch)."""
+    states = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(6, 11)), jnp.float32)
+    labels = np.full((3, 4), -100)
+    labels[0, 1], labels[0, 3], labels[1, 0], labels[2, 2], labels[2, 3] = 3, 7, 10, 0, 5
+    labels = jnp.asarray(labels)
+
+    def full(s, w):
+        return obj.mlm_loss(jnp.tanh(s) @ w, labels)
+
+    def gathered(s, w):
+        return obj.gathered_mlm_loss(lambda x: jnp.tanh(x) @ w, s, labels, rows)
+
+    want, want_grads = jax.value_and_grad(full, argnums=(0, 1))(states, w)
+    got, got_grads = jax.jit(jax.value_and_grad(gathered, argnums=(0, 1)))(states, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    chex.assert_trees_all_close(got_grads, want_grads, atol=1e-6)
+    # No labelled position at all: 0, with a zero (not NaN) gradient.
+    none = jnp.full((3, 4), -100)
+    loss, grad = jax.value_and_grad(
+        lambda s: obj.gathered_mlm_loss(lambda x: x @ w, s, none, 4))(states)
+    assert float(loss) == 0.0
+    chex.assert_trees_all_close(grad, jnp.zeros_like(states))
+
+
+def test_mlm_buffer_rows():
+    assert obj.mlm_buffer_rows(8, 32, 0.25) == 64
+    assert obj.mlm_buffer_rows(3, 7, 0.1) == 3  # ceil(2.1)
+    assert obj.mlm_buffer_rows(2, 4, 1.0) == 8
+    assert obj.mlm_buffer_rows(1, 1, 0.01) == 1
+
+
 def test_rtp_loss_averages_every_position(rng):
     logits = rng.normal(size=(2, 5, 2))
     labels = rng.integers(0, 2, size=(2, 5))

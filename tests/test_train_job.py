@@ -84,6 +84,22 @@ def test_stage1_evaluates_every_epoch_and_keeps_the_best(stage1, capsys):
     assert best_info(workdir)["step"] == 10 and (workdir / BEST_DIR).is_dir()
     assert (workdir / "sample100_candidates.json").is_file()
     assert list((workdir / "tb").iterdir()), "no TensorBoard event file"
+    # Speed: pairs/s, the step's MFU against the measured CPU peak, and the input wait.
+    for row in list(steps.values())[1:]:
+        assert row["pairs_per_s"] > 0 and row["step_s"] > 0
+        assert 0.0 < row["mfu"] < 1.0
+        assert 0.0 <= row["input_wait_frac"] <= 1.0 and row["input_wait_s"] >= 0.0
+
+
+def test_throughput_metrics():
+    m = trainer.throughput_metrics(steps=10, seconds=5.0, input_wait=0.5, batch=8,
+                                   flops_per_step=2e9, peak_flops=1e10)
+    assert m == pytest.approx({"pairs_per_s": 16.0, "step_s": 0.5, "input_wait_s": 0.05,
+                               "input_wait_frac": 0.1, "mfu": 0.4})
+    assert trainer.throughput_metrics(0, 1.0, 0.0, 8, 1e9, 1e10) == {}
+    line = trainer.format_line(3, 10, {"loss": 1.0, "temp": 0.07, "alpha": 0.4, **m}, ("loss",),
+                               16.0, 3.0)
+    assert "16.0 pairs/s | MFU 40.0% | input wait 10%" in line
 
 
 def test_resume_continues_exactly(data_dir, tmp_path, capsys):

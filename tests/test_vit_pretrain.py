@@ -43,6 +43,19 @@ class BarsSource:
     def row_category(self):
         return ["CLOTHING"] * len(self.labels)
 
+    def description(self, i):
+        shape = "vertical" if self.labels[i] == "SHIRTS" else "horizontal"
+        rare = " Zigzag." if i == 0 else ""  # in fewer rows than a caption word label needs
+        return f"A {shape} bar, with stitching.{rare}"
+
+    def metadata(self):
+        return {"description": [self.description(i) for i in range(len(self))]}
+
+
+class CaptionBarsSource(BarsSource):
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "description": self.description(i)}
+
 
 def tiny_config(steps):
     c = config_lib.base_config()
@@ -70,6 +83,46 @@ def test_class_table_is_sorted_and_checks_the_label():
     assert vit_pretrain.class_table(src, "category") == {"CLOTHING": 0}
     with pytest.raises(config_lib.ConfigError, match="vit_pretrain_label"):
         vit_pretrain.class_table(src, "colour")
+
+
+def test_caption_word_labels_are_the_informative_words():
+    src = CaptionBarsSource(12)
+    # "a", "bar", "with", "stitching" are in every description; "zigzag" in one.
+    assert vit_pretrain.class_table(src, "caption_words") == {"horizontal": 0, "vertical": 1}
+    transform = vit_pretrain.ClassifyTransform({"horizontal": 0, "vertical": 1}, "caption_words",
+                                               32, hflip=False)
+    out = transform(src[1], np.random.default_rng(0))
+    np.testing.assert_array_equal(out["label"], np.array([0.0, 1.0], np.float32))
+    assert out["image"].shape == (32, 32, 3)
+
+
+def test_caption_word_warm_start_learns_the_words():
+    cfg = tiny_config(100)
+    cfg.init.vit_pretrain_label = "caption_words"
+    model, state = fresh_state(cfg)
+    lines = []
+    _, history = vit_pretrain.pretrain_vit(cfg, model, state, CaptionBarsSource(), log=lines.append)
+    assert any("predicting 2 caption words" in l for l in lines)
+    assert any("train word F1" in l for l in lines)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
+    assert history[-1]["accuracy"] >= 90.0, history
+
+
+def test_multi_label_loss_and_f1():
+    cfg = tiny_config(1)
+    model, state = fresh_state(cfg)
+    vit = state["params"]["visual_encoder"]
+    width = cfg.model.vision_width
+    head = {"kernel": jnp.zeros((width, 3)), "bias": jnp.array([5.0, -5.0, 5.0])}
+    images = jnp.zeros((2, 32, 32, 3))
+    labels = jnp.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    loss, f1 = vit_pretrain.classification_loss(model, vit, head, images, labels)
+    logits = np.array([5.0, -5.0, 5.0])
+    expected = np.mean([np.sum(np.log1p(np.exp(-logits)) * y + np.log1p(np.exp(logits)) * (1 - y))
+                        for y in np.asarray(labels)])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # predicted {0, 2} twice; true {0} and {0, 1}: 2 true positives, 4 predicted, 3 true
+    np.testing.assert_allclose(f1, 2 * 2 / (4 + 3), rtol=1e-6)
 
 
 def test_one_class_is_a_clear_error():

@@ -121,7 +121,12 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
                 queue_on if warmup and c.scratch_warmup_random_negatives else True))
 
         # MLM and replaced-token prediction on the positive fusion.
-        loss_mlm = obj.mlm_loss(apply(params, M.mlm_logits, pos), batch["mask_labels"])
+        if c.mlm_gather:
+            rows = obj.mlm_buffer_rows(b, ids.shape[1], c.mlm_max_fraction)
+            loss_mlm = obj.gathered_mlm_loss(lambda x: apply(params, M.mlm_logits, x), pos,
+                                             batch["mask_labels"], rows)
+        else:
+            loss_mlm = obj.mlm_loss(apply(params, M.mlm_logits, pos), batch["mask_labels"])
         loss_rtp = obj.rtp_loss(apply(params, M.rtp_logits, pos), batch["replace_labels"])
 
         w_sym = jnp.where(queue_on, c.w_sym, 0.0) if warmup else c.w_sym
