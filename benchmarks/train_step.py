@@ -1,42 +1,47 @@
-"""Stage-1 train-step benchmark: compile time, step time, pairs/s and peak memory.
+"""Train-step benchmark: compile time, step time, pairs/s, MFU and peak memory of the three stages.
 
-    python benchmarks/train_step.py                      # tiny (batch 8) and reference (batch 2, 4)
+    python benchmarks/train_step.py                          # tiny (batch 8), reference (2 and 4)
     python benchmarks/train_step.py --sizes=tiny --steps=20
-    python benchmarks/train_step.py --sizes=reference --batches=4 --dtype=bfloat16
+    python benchmarks/train_step.py --sizes=reference --batches=4 --dtypes=float32,bfloat16 \\
+        --remat=off,on --stages=pretrain,retrieval,tgir
+    python benchmarks/train_step.py --sizes=tiny --control=1120cd6 --pairs=3
 
 Sizes:
   tiny       ViT 64 wide / depth 2 / 2 heads / patch 16 / 64 px; BERT hidden 64, 4 layers
-             (2 fusion), 2 heads, FFN 256, vocab 30,522; text 32; E 256; queue 1,024; batch 8.
+             (2 fusion), 2 heads, FFN 256, vocab 30,522; text 32; E 256; queue 1,024.
   reference  ViT-B/16 @ 256 px + BERT-base 6+6; text 180; queue 65,536.
 
-Random inputs of the right shapes; the step is the full stage-1 step (both momentum forwards, focal
-ITC against the queue, ITM with hard negatives over 3B fusion pairs, MLM, RTP, AdamW), jitted with
-the state donated. Peak memory is the device's peak bytes in use where the backend reports it (GPU,
-TPU), else the process's peak resident set size (CPU).
+Random inputs of the right shapes (uint8 images, as the pipelines send them); the step is the
+stage's full training step (stage 1: both momentum forwards, focal ITC against the queue, ITM with
+hard negatives over 3B fusion pairs, MLM, RTP, AdamW), jitted with the state donated. Each
+measurement runs in its own process, so that its peak memory is its own: the device's peak bytes
+in use where the backend reports it (GPU, TPU), else the process's peak resident set size (CPU,
+which includes the compiler's own peak). MFU is the analytic model FLOPs (fine_jax.flops) over the
+device's peak (a table for TPUs and GPUs, a measured matmul on CPU).
+
+``--control=COMMIT`` measures that commit's own ``benchmarks/train_step.py`` (stage 1, fp32) in a
+temporary git worktree, alternating with this tree ``--pairs`` times per size and batch, and prints
+the speed ratio of each pair: machines drift from one minute to the next, the ratio within a pair
+much less.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-import jax
-import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from fine_jax import config as config_lib  # noqa: E402
-from fine_jax import stages  # noqa: E402
-from fine_jax.config import base_config, tiny_config  # noqa: E402
-from fine_jax.models.fine import FashionFINE  # noqa: E402
-from fine_jax.optim import make_optimizer  # noqa: E402
-from fine_jax.stages.common import create_state  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 
 def size_config(name: str):
+    from fine_jax.config import base_config, tiny_config
     if name == "tiny":
         return tiny_config()
     if name == "reference":
@@ -45,35 +50,56 @@ def size_config(name: str):
 
 
 def random_batch(cfg, b: int, seed: int = 0) -> dict:
+    import numpy as np
     rng = np.random.default_rng(seed)
     s, length, vocab = cfg.model.image_size, cfg.data.max_len, cfg.model.vocab_size
     ids = rng.integers(min(1000, vocab // 2), vocab, size=(b, length)).astype(np.int32)
     mask = np.ones((b, length), np.int32)
+    image = lambda: rng.integers(0, 256, size=(b, s, s, 3), dtype=np.uint8)
+    if cfg.stage == "tgir":
+        return {"reference_image": image(), "target_image": image(), "input_ids": ids,
+                "attention_mask": mask}
     labels = np.where(rng.random((b, length)) < 0.12, ids, -100).astype(np.int32)
-    return {"image": rng.normal(size=(b, s, s, 3)).astype(np.float32), "input_ids": ids,
-            "attention_mask": mask, "mask_labels": labels,
+    return {"image": image(), "input_ids": ids, "attention_mask": mask, "mask_labels": labels,
             "replace_labels": (rng.random((b, length)) < 0.015).astype(np.int32),
             "idx": np.arange(b, dtype=np.int32)}
 
 
 def peak_memory_bytes() -> tuple[int, str]:
-    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    import jax
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device peak"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
-def bench(size: str, batch: int, steps: int, dtype: str) -> dict:
+def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: bool,
+              attention: str) -> dict:
+    """One measurement in this process."""
+    import jax
+
+    from fine_jax import config as config_lib
+    from fine_jax import flops, stages
+    from fine_jax.models.fine import FashionFINE
+    from fine_jax.optim import make_optimizer
+    from fine_jax.stages.common import create_state
+
     cfg = size_config(size)
+    cfg.stage = stage
     cfg.model.dtype = dtype
+    cfg.model.remat = remat
+    cfg.model.attention = attention
     cfg.train.global_batch_size = batch
+    if stage == "tgir":
+        cfg.loss.queue_size = cfg.loss.queue_size // (2 * batch) * 2 * batch
     model = FashionFINE(config_lib.model_config(cfg))
     loss_cfg = config_lib.loss_config(cfg)
-    stage = stages.get(cfg.stage)
+    st = stages.get(stage)
     optimizer, schedule = make_optimizer(cfg.optim, steps_per_epoch=1000)
-    queues = stage.make_queues(loss_cfg, cfg.model.embed_dim)
+    queues = st.make_queues(loss_cfg, cfg.model.embed_dim)
     state = jax.jit(lambda r: create_state(model, optimizer, r, queues))(jax.random.PRNGKey(0))
-    step = jax.jit(stage.make_step(model, optimizer, loss_cfg, 1000, schedule), donate_argnums=0)
+    step = jax.jit(st.make_step(model, optimizer, loss_cfg, 1000, schedule), donate_argnums=0)
     batch_arrays = jax.device_put(random_batch(cfg, batch))
     rng = jax.random.PRNGKey(1)
 
@@ -90,31 +116,113 @@ def bench(size: str, batch: int, steps: int, dtype: str) -> dict:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     mem, mem_kind = peak_memory_bytes()
-    return dict(size=size, batch=batch, dtype=dtype, compile_s=compile_s, step_s=med,
-                pairs_per_s=batch / med, peak_gib=mem / 2**30, mem_kind=mem_kind,
+    count = flops.step_flops(cfg).total
+    peak, peak_source = flops.device_peak_flops(jax.devices()[0], dtype)
+    return dict(code="this tree", size=size, stage=stage, batch=batch, dtype=dtype, remat=remat,
+                attention=attention, compile_s=compile_s, step_s=med, pairs_per_s=batch / med,
+                gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
+                peak_source=peak_source, peak_gib=mem / 2**30, mem_kind=mem_kind,
                 loss=float(metrics["loss"]))
+
+
+def run_child(args: list[str]) -> dict:
+    """One measurement of this tree in a fresh process."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args],
+                         capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise SystemExit(f"measurement {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_control(worktree: str, size: str, batch: int, steps: int) -> dict:
+    """One measurement of the control commit's own script (stage 1, fp32) in a fresh process."""
+    env = dict(os.environ, PYTHONPATH=worktree)
+    out = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--sizes={size}",
+                          f"--batches={batch}", f"--steps={steps}"], capture_output=True,
+                         text=True, cwd=worktree, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"control measurement failed:\n{out.stderr[-3000:]}")
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0] == size:  # size batch dtype compile step pairs peak ...
+            return dict(code="control", size=size, stage="pretrain", batch=batch,
+                        dtype=parts[2], remat=False, attention="xla",
+                        compile_s=float(parts[3]), step_s=float(parts[4]),
+                        pairs_per_s=float(parts[5]), peak_gib=float(parts[6]))
+    raise SystemExit(f"control printed no result:\n{out.stdout[-2000:]}")
+
+
+HEADER = (f"{'code':<10} {'size':<9} {'stage':<9} {'batch':>5} {'dtype':<8} {'remat':<5} "
+          f"{'attn':<5} {'compile s':>9} {'step s':>8} {'pairs/s':>8} {'MFU %':>6} "
+          f"{'peak GiB':>8}")
+
+
+def row(r: dict) -> str:
+    mfu = f"{100 * r['mfu']:6.1f}" if "mfu" in r else f"{'':>6}"
+    return (f"{r['code']:<10} {r['size']:<9} {r['stage']:<9} {r['batch']:>5} {r['dtype']:<8} "
+            f"{'on' if r['remat'] else 'off':<5} {r['attention']:<5} {r['compile_s']:>9.2f} "
+            f"{r['step_s']:>8.4f} {r['pairs_per_s']:>8.2f} {mfu} {r['peak_gib']:>8.2f}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="tiny,reference")
     ap.add_argument("--batches", default="", help="comma list; default 8 for tiny, 2,4 for reference")
+    ap.add_argument("--stages", default="pretrain")
+    ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
+    ap.add_argument("--remat", default="off", help="comma list of off, on")
+    ap.add_argument("--attention", default="xla", help="comma list of xla, fused")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = ap.parse_args()
+    ap.add_argument("--control", default="", help="a commit to measure beside this tree")
+    ap.add_argument("--pairs", type=int, default=1, help="control/this-tree pairs per setting")
+    ap.add_argument("--json", default="", help="also write every measurement to this file")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args()
+    if args.child:
+        size, stage, batch, dtype, remat, attention = rest
+        print(json.dumps(bench_one(size, stage, int(batch), args.steps, dtype, remat == "on",
+                                   attention)))
+        return
+
+    import jax
     dev = jax.devices()[0]
     print(f"backend: {jax.default_backend()} | device: {dev.device_kind} x {jax.device_count()} | "
-          f"jax {jax.__version__}", flush=True)
-    print(f"{'size':<10} {'batch':>5} {'dtype':<9} {'compile s':>9} {'step s':>9} {'pairs/s':>9} "
-          f"{'peak GiB':>9}  memory", flush=True)
-    for size in args.sizes.split(","):
-        batches = [int(b) for b in args.batches.split(",")] if args.batches else (
-            [8] if size == "tiny" else [2, 4])
-        for b in batches:
-            r = bench(size, b, args.steps, args.dtype)
-            print(f"{r['size']:<10} {r['batch']:>5} {r['dtype']:<9} {r['compile_s']:>9.2f} "
-                  f"{r['step_s']:>9.4f} {r['pairs_per_s']:>9.1f} {r['peak_gib']:>9.2f}  "
-                  f"{r['mem_kind']} (loss {r['loss']:.3f})", flush=True)
+          f"jax {jax.__version__} | {args.steps} timed steps, median", flush=True)
+    worktree = None
+    if args.control:
+        worktree = tempfile.mkdtemp(prefix="fine_jax_control_")
+        subprocess.run(["git", "worktree", "add", "--detach", worktree, args.control],
+                       cwd=REPO, check=True, capture_output=True)
+    results = []
+    print(HEADER, flush=True)
+    try:
+        for size in args.sizes.split(","):
+            batches = [int(b) for b in args.batches.split(",")] if args.batches else (
+                [8] if size == "tiny" else [2, 4])
+            for b in batches:
+                if worktree:
+                    for _ in range(args.pairs):
+                        c = run_control(worktree, size, b, args.steps)
+                        t = run_child([size, "pretrain", str(b), "float32", "off", "xla"])
+                        print(row(c), flush=True)
+                        print(row(t) + f"   x{t['pairs_per_s'] / c['pairs_per_s']:.2f} "
+                              f"pairs/s, x{t['peak_gib'] / c['peak_gib']:.2f} memory", flush=True)
+                        results += [c, t]
+                    continue
+                for stage in args.stages.split(","):
+                    for dtype in args.dtypes.split(","):
+                        for remat in args.remat.split(","):
+                            for attention in args.attention.split(","):
+                                r = run_child([size, stage, str(b), dtype, remat, attention])
+                                print(row(r), flush=True)
+                                results.append(r)
+    finally:
+        if worktree:
+            subprocess.run(["git", "worktree", "remove", "--force", worktree], cwd=REPO,
+                           capture_output=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

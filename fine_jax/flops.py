@@ -292,7 +292,7 @@ PEAK_TFLOPS = {
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_peak(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
+def measured_matmul_peak(dtype: str = "float32", size: int = 1024, repeats: int = 20) -> float:
     """FLOP/s of the best of ``repeats`` square ``size`` matmuls on the first device (the CPU's
     peak: no table can know a CPU's cores and vector units)."""
     dt = jnp.dtype(dtype)

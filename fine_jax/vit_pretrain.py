@@ -15,9 +15,9 @@ label ``init.vit_pretrain_label`` is one of
 Only the ViT is kept; the head is dropped, and the momentum ViT is set to a copy, as at any start.
 Only training rows are read.
 
-Off by default; configs/demo.py runs 600 steps at a peak learning rate of 1e-3. On the embedded
-demo the ViT then learns the silhouette that the contrastive objective from random weights never
-picks up (the README gives the measurements).
+Off by default; configs/demo.py runs 650 steps of ``caption_words`` at a peak learning rate of
+1e-3. On the embedded demo the ViT then knows the silhouette, colours and patterns that the
+contrastive objective from random weights does not pick up (the README gives the measurements).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def class_table(source, label: str) -> dict[str, int]:
 
 @dataclasses.dataclass
 class ClassifyTransform:
-    """One image row -> the image (resized, randomly flipped, normalised) and its label: the class
+    """One image row -> the image (resized, randomly flipped, uint8) and its label: the class
     id, or for ``caption_words`` a multi-hot float vector over ``classes`` (picklable for grain
     workers). No random crop: its aspect-ratio jitter blurs what separates
     classes such as long and short dresses."""
@@ -80,7 +80,7 @@ class ClassifyTransform:
         img = image_ops.resize(record["image"], self.image_size)
         if self.hflip and rng.random() < 0.5:
             img = img[:, ::-1]
-        img = image_ops.normalize(np.ascontiguousarray(img))
+        img = np.ascontiguousarray(img)  # uint8: the ViT normalises on the device
         if self.label == "caption_words":
             target = np.zeros((len(self.classes),), np.float32)
             idx = [self.classes[w] for w in caption_words(record["description"])

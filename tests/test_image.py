@@ -400,3 +400,25 @@ def test_opencv_ops_accept_views_and_other_channel_counts():
         grey = op(img[..., :1])
         assert grey.shape == (20, 24, 1)
         np.testing.assert_array_equal(grey[..., 0], op(np.repeat(img[..., :1], 3, axis=2))[..., 0])
+
+
+def test_transforms_without_normalisation_stop_at_uint8_and_the_vit_finishes_the_same():
+    """The pipelines send uint8 images; normalize_images on the device gives the host
+    normalisation's float32 values."""
+    import jax.numpy as jnp
+
+    from fine_jax.models.vit import normalize_images
+
+    img = _textured(40, 52, seed=3)
+    raw = I.train_transform(img, np.random.default_rng(9), 32, normalized=False)
+    assert raw.dtype == np.uint8 and raw.shape == (32, 32, 3)
+    host = I.train_transform(img, np.random.default_rng(9), 32)
+    np.testing.assert_allclose(np.asarray(normalize_images(jnp.asarray(raw))), host, rtol=0,
+                               atol=1e-6)
+    test_raw = I.test_transform(img, 24, normalized=False)
+    assert test_raw.dtype == np.uint8
+    np.testing.assert_allclose(np.asarray(normalize_images(jnp.asarray(test_raw[None])))[0],
+                               I.test_transform(img, 24), rtol=0, atol=1e-6)
+    # Float input is taken as normalised already.
+    same = jnp.asarray(host)
+    assert normalize_images(same) is same

@@ -140,3 +140,19 @@ def test_stage3_same_results_on_one_device_and_data2_fsdp4():
     out = run_equivalence("tgir", full=False)
     assert_same_losses(out["data2_fsdp4"]["losses"], out["sequential_8"]["losses"])
     assert out["data2_fsdp4"]["max_state_diff"] < 2e-5
+
+
+def test_per_device_semantics_gathers_only_the_enqueued_features():
+    """Hard negatives are drawn within each device's batch: under the per-group semantics the
+    step's only all-gathers are the momentum features and product ids that every device enqueues,
+    never the (B, L, D) text or (B, N, D) image states that the global-batch semantics gathers."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(HERE / "collectives_probe.py")], capture_output=True,
+                          text=True, env=env, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    rank = lambda shape: shape.count(",") + 1  # noqa: E731
+    assert out["per_group"] and all(rank(s) <= 2 for s in out["per_group"]), out["per_group"]
+    assert any(rank(s) == 3 for s in out["global"]), out["global"]

@@ -500,8 +500,13 @@ def train_transform(
     randaug_n: int = 2,
     randaug_m: float = 7,
     albef_quirks: bool = True,
+    normalized: bool = True,
 ) -> np.ndarray:
     """RandomResizedCrop -> horizontal flip (p=0.5) -> RandAugment -> normalize; float32 HWC.
+
+    ``normalized=False`` stops before the normalisation and returns the uint8 HWC image, a
+    quarter of the bytes: the training pipelines send that, and the ViT normalises on the
+    device with the same float32 operations (``fine_jax.models.vit.normalize_images``).
 
     The flip is done on the PIL image right after the resize (same pixels, one copy fewer); the draws
     keep the reference's order: crop parameters, flip, then RandAugment.
@@ -514,9 +519,11 @@ def train_transform(
     out = np.asarray(pil)
     if randaug_n > 0:
         out = rand_augment(out, rng, n=randaug_n, m=randaug_m, albef_quirks=albef_quirks)
-    return normalize(out)
+    return normalize(out) if normalized else np.ascontiguousarray(out)
 
 
-def test_transform(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize((size, size), bicubic) -> normalize; float32 HWC."""
-    return normalize(resize(img, size))
+def test_transform(img: np.ndarray, size: int, normalized: bool = True) -> np.ndarray:
+    """Resize((size, size), bicubic) -> normalize; float32 HWC (uint8 HWC without the
+    normalisation when ``normalized=False``)."""
+    out = resize(img, size)
+    return normalize(out) if normalized else np.ascontiguousarray(out)

@@ -83,7 +83,7 @@ class ImageAugment:
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return image_ops.train_transform(img, rng, self.image_size, scale=tuple(self.crop_scale),
                                          hflip=self.hflip, randaug_n=self.randaug_n,
-                                         randaug_m=self.randaug_m)
+                                         randaug_m=self.randaug_m, normalized=False)
 
 
 @dataclasses.dataclass
@@ -106,7 +106,8 @@ class Stage1Transform:
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         img = image_ops.train_transform(record["image"], rng, self.image_size,
                                         scale=tuple(self.crop_scale), hflip=self.hflip,
-                                        randaug_n=self.randaug_n, randaug_m=self.randaug_m)
+                                        randaug_n=self.randaug_n, randaug_m=self.randaug_m,
+                                        normalized=False)
         txt = text_ops.build_stage1_text(record, self.tokenizer, self.category_symbols, self.lexicon,
                                          rng, self.max_len, fix_mlm_labels=self.fix_mlm_labels,
                                          symbol=self.symbol, attributes=self.attributes)
@@ -287,7 +288,8 @@ class _EvalImage:
     image_size: int
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return {"image": image_ops.test_transform(record["image"], self.image_size),
+        return {"image": image_ops.test_transform(record["image"], self.image_size,
+                                                  normalized=False),
                 "row": np.int64(record["row"]), BAD_KEY: np.int32(record[BAD_KEY])}
 
 

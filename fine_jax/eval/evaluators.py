@@ -150,8 +150,8 @@ class FashionGenEvaluator:
 
     # --- ITM re-ranking -----------------------------------------------------------------------
     def _load_images(self, rows, size) -> np.ndarray:
-        return np.stack([image_ops.test_transform(self.source[int(r)]["image"], size)
-                         for r in rows])
+        return np.stack([image_ops.test_transform(self.source[int(r)]["image"], size,
+                                                  normalized=False) for r in rows])
 
     def itm_scores(self, model, params, mesh, img_rows, txt_idx) -> np.ndarray:
         """ITM match logits of the (image row, product text) pairs, in batches over the mesh."""

@@ -26,6 +26,7 @@ class BertSelfAttention(nn.Module):
     heads: int
     attn_dropout: float
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, kv, bias, deterministic: bool):
@@ -34,7 +35,8 @@ class BertSelfAttention(nn.Module):
         q = split_heads(dense("query")(x), self.heads)
         k = split_heads(dense("key")(kv), self.heads)
         v = split_heads(dense("value")(kv), self.heads)
-        out = dot_product_attention(q, k, v, bias, nn.Dropout(self.attn_dropout), deterministic)
+        out = dot_product_attention(q, k, v, bias, nn.Dropout(self.attn_dropout), deterministic,
+                                    self.attention)
         return merge_heads(out)
 
 
@@ -61,11 +63,12 @@ class BertAttentionBlock(nn.Module):
     dropout: float
     ln_eps: float
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, kv, bias, deterministic: bool):
-        h = BertSelfAttention(self.hidden, self.heads, self.attn_dropout, self.dtype, name="self")(
-            x, kv, bias, deterministic)
+        h = BertSelfAttention(self.hidden, self.heads, self.attn_dropout, self.dtype,
+                              self.attention, name="self")(x, kv, bias, deterministic)
         return BertResidualOutput(self.hidden, self.dropout, self.ln_eps, self.dtype, name="output")(
             h, x, deterministic)
 
@@ -79,11 +82,13 @@ class BertLayer(nn.Module):
     ln_eps: float
     cross_attention: bool
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, self_bias, deterministic: bool, encoder=None, encoder_bias=None):
         block = lambda name: BertAttentionBlock(self.hidden, self.heads, self.attn_dropout,
-                                                self.dropout, self.ln_eps, self.dtype, name=name)
+                                                self.dropout, self.ln_eps, self.dtype,
+                                                self.attention, name=name)
         x = block("attention")(x, x, self_bias, deterministic)
         if self.cross_attention:
             if encoder is None:
@@ -161,15 +166,19 @@ class XBert(nn.Module):
     dtype: Dtype = jnp.float32
     pad_id: int | None = 0
     symbol_one_way: bool = False
+    attention: str = "xla"  # or "fused" (layers.dot_product_attention)
+    remat: bool = False  # recompute each layer's activations in the backward pass
 
     def setup(self):
         self.embeddings = BertEmbeddings(self.vocab_size, self.hidden, self.max_positions,
                                          self.type_vocab_size, self.hidden_dropout, self.ln_eps,
                                          self.dtype, self.pad_id)
+        # deterministic (argument 3, counting the module) is a Python bool: static under remat.
+        layer = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
         self.layers = [
-            BertLayer(self.hidden, self.heads, self.intermediate, self.attn_dropout,
-                      self.hidden_dropout, self.ln_eps, cross_attention=i >= self.fusion_layer,
-                      dtype=self.dtype, name=f"layer_{i}")
+            layer(self.hidden, self.heads, self.intermediate, self.attn_dropout,
+                  self.hidden_dropout, self.ln_eps, cross_attention=i >= self.fusion_layer,
+                  dtype=self.dtype, attention=self.attention, name=f"layer_{i}")
             for i in range(self.num_layers)
         ]
 

@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from fine_jax.models.adapter import AttentionPool, PhraseModule, l2_normalize, mix_global_local
 from fine_jax.models.bert import XBert
-from fine_jax.models.layers import gelu, torch_dense
+from fine_jax.models.layers import ATTENTION_KINDS, gelu, torch_dense
 from fine_jax.models.vit import VisionTransformer
 
 # The six modules with momentum (EMA) copies, method_spec §1.6. Nothing else has one.
@@ -85,7 +85,15 @@ class ModelConfig:
     # caption's states, [CLS] included, cannot take the category from it. Off = reference (full
     # attention). A caption without a symbol at position 1, as every evaluation text, is unchanged.
     symbol_one_way: bool = False
+    # Compute dtype of the towers and heads ("bfloat16": bf16 matmuls with fp32 parameters;
+    # attention softmax, normalisations of features and every loss stay fp32).
     dtype: str = "float32"
+    # Attention: "xla" (explicit products, fp32 softmax) or "fused" (jax.nn.dot_product_attention,
+    # cuDNN's fused kernel on GPUs; where attention dropout is active the explicit path runs).
+    attention: str = "xla"
+    # Recompute each ViT block's and BERT layer's activations in the backward pass instead of
+    # keeping them: less memory for a second forward of the encoders.
+    remat: bool = False
 
     def validate(self) -> None:
         """Raises ValueError naming the ``model.*`` keys of a combination the model cannot build."""
@@ -113,6 +121,9 @@ class ModelConfig:
                              "the dataset's vocab before building the model")
         if self.dtype not in _DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention={self.attention!r}: use one of "
+                             f"{', '.join(ATTENTION_KINDS)}")
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -145,7 +156,8 @@ class PredictionHead(nn.Module):
 def vision_tower(c: ModelConfig) -> VisionTransformer:
     """The image encoder of a model config (also used alone by fine_jax.vit_pretrain)."""
     return VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_depth,
-                             c.vision_heads, c.vision_mlp_ratio, c.vision_ln_eps, c.compute_dtype)
+                             c.vision_heads, c.vision_mlp_ratio, c.vision_ln_eps, c.compute_dtype,
+                             attention=c.attention, remat=c.remat)
 
 
 class FashionFINE(nn.Module):
@@ -160,7 +172,8 @@ class FashionFINE(nn.Module):
                                   c.num_heads, c.intermediate_size, c.max_position_embeddings,
                                   c.type_vocab_size, c.hidden_dropout, c.attention_dropout,
                                   c.bert_ln_eps, dt, c.pad_token_id,
-                                  symbol_one_way=c.symbol_one_way)
+                                  symbol_one_way=c.symbol_one_way, attention=c.attention,
+                                  remat=c.remat)
         self.vision_proj = torch_dense(c.embed_dim, c.vision_width, dtype=dt)
         self.text_proj = torch_dense(c.embed_dim, c.hidden_size, dtype=dt)
         self.combine_vision_proj = torch_dense(c.embed_dim, c.embed_dim, dtype=dt)
@@ -181,7 +194,8 @@ class FashionFINE(nn.Module):
 
     # --- towers -------------------------------------------------------------------------------
     def encode_image(self, images, deterministic: bool = True):
-        """(B, H, W, 3) normalised images -> (B, N, D) ViT tokens (index 0 = CLS)."""
+        """(B, H, W, 3) images, uint8 (normalised here) or normalised float -> (B, N, D) ViT
+        tokens (index 0 = CLS)."""
         return self.visual_encoder(images)
 
     def encode_text(self, input_ids, attention_mask, deterministic: bool = True):

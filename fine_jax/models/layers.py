@@ -67,11 +67,25 @@ def attention_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     return ((1.0 - mask.astype(dtype)) * MASK_BIAS)[:, None, None, :]
 
 
-def dot_product_attention(q, k, v, bias, dropout: nn.Dropout | None, deterministic: bool):
+ATTENTION_KINDS = ("xla", "fused")
+
+
+def dot_product_attention(q, k, v, bias, dropout: nn.Dropout | None, deterministic: bool,
+                          kind: str = "xla"):
     """q: (B, Tq, H, d), k/v: (B, Tk, H, d), bias broadcastable to (B, H, Tq, Tk).
 
     The softmax runs in float32 whatever the compute dtype, as the reference runs in fp32.
+    ``kind="fused"`` calls ``jax.nn.dot_product_attention`` (cuDNN's fused kernel on a GPU where
+    the shapes and dtype allow, else XLA's own), which has no attention dropout: a call that
+    would drop attention probabilities (training with ``attention_dropout > 0``) takes the
+    explicit path instead.
     """
+    dropping = dropout is not None and not deterministic and dropout.rate > 0
+    if kind == "fused" and not dropping:
+        if bias is not None:
+            bias = jnp.broadcast_to(bias, (q.shape[0], bias.shape[1], bias.shape[2],
+                                           k.shape[1])).astype(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias)
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
     if bias is not None:

@@ -10,16 +10,28 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fine_jax.data.image import CLIP_MEAN, CLIP_STD
 from fine_jax.models.layers import (dot_product_attention, gelu, merge_heads, split_heads,
                                     torch_default_bias, torch_default_kernel, trunc_normal)
 
 Dtype = Any
 
 
+def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
+    """uint8 images -> float32 ``(x / 255 - CLIP_MEAN) / CLIP_STD``, the same float32 operations
+    as the host transform (``fine_jax.data.image.normalize``); float images pass unchanged (they
+    are normalised already). The pipelines send uint8, a quarter of the bytes of float32."""
+    if images.dtype != jnp.uint8:
+        return images
+    x = images.astype(jnp.float32) / jnp.float32(255.0)
+    return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
 class ViTAttention(nn.Module):
     width: int
     heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -28,7 +40,7 @@ class ViTAttention(nn.Module):
         qkv = dense(3 * self.width, "qkv")(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         out = dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads),
-                                    split_heads(v, self.heads), None, None, True)
+                                    split_heads(v, self.heads), None, None, True, self.attention)
         return dense(self.width, "proj")(merge_heads(out))
 
 
@@ -50,11 +62,13 @@ class ViTBlock(nn.Module):
     mlp_hidden: int
     ln_eps: float
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
-        x = x + ViTAttention(self.width, self.heads, self.dtype, name="attn")(ln("norm1")(x))
+        x = x + ViTAttention(self.width, self.heads, self.dtype, self.attention,
+                             name="attn")(ln("norm1")(x))
         x = x + ViTMlp(self.width, self.mlp_hidden, self.dtype, name="mlp")(ln("norm2")(x))
         return x
 
@@ -77,7 +91,8 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Images (B, H, W, 3), normalised -> all tokens (B, 1 + (H/p)*(W/p), width); index 0 is CLS."""
+    """Images (B, H, W, 3), uint8 or normalised float -> all tokens (B, 1 + (H/p)*(W/p), width);
+    index 0 is CLS."""
 
     image_size: int
     patch_size: int
@@ -87,6 +102,8 @@ class VisionTransformer(nn.Module):
     mlp_ratio: float = 4.0
     ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # or "fused" (layers.dot_product_attention)
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @property
     def num_patches(self) -> int:
@@ -98,13 +115,15 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ViT expects {self.image_size}x{self.image_size} images, got "
                              f"{images.shape[1]}x{images.shape[2]}")
         x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(
-            images.astype(self.dtype))
+            normalize_images(images).astype(self.dtype))
         b = x.shape[0]
         cls = self.param("cls_token", trunc_normal(0.02), (1, 1, self.width))
         pos = self.param("pos_embed", trunc_normal(0.02), (1, self.num_patches + 1, self.width))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
         x = x + pos.astype(x.dtype)
         hidden = int(self.width * self.mlp_ratio)
+        block = nn.remat(ViTBlock) if self.remat else ViTBlock
         for i in range(self.depth):
-            x = ViTBlock(self.width, self.heads, hidden, self.ln_eps, self.dtype, name=f"blocks_{i}")(x)
+            x = block(self.width, self.heads, hidden, self.ln_eps, self.dtype, self.attention,
+                      name=f"blocks_{i}")(x)
         return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)

@@ -61,11 +61,14 @@ def f32(x):
 def sims_against_bank(query: jax.Array, local_keys: jax.Array, queue: jax.Array, temp):
     """(B, E) queries against [local keys (B'); queue (Q)] -> (B, B' + Q) fp32 logits / tau.
 
-    The keys are concatenated as the reference does; the queue is stored fp32, the features may
-    be in the compute dtype.
+    The reference concatenates the keys, a (B' + Q, E) copy of the whole queue every step. Here
+    the queue (stored fp32, never cast) is multiplied in place and only the (B, B' + Q) logits
+    are joined: the same numbers, without copying the queue.
     """
-    keys = jnp.concatenate([f32(local_keys), f32(queue)], axis=0)
-    return f32(query) @ keys.T / temp
+    q = f32(query)
+    local = q @ f32(local_keys).T
+    bank = q @ (queue if queue.dtype == jnp.float32 else f32(queue)).T
+    return jnp.concatenate([local, bank], axis=1) / temp
 
 
 def itm_loss_with_hard_negatives(apply, params, txt, mask, img, sim_i2t_b, sim_t2i_b, rng,

@@ -1,0 +1,127 @@
+"""The speed switches (bf16 compute, rematerialisation, fused attention, uint8 images, the gathered
+MLM head) against the plain fp32 step: the same losses and updates, to each switch's precision."""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fine_jax import config as config_lib
+from fine_jax import stages
+from fine_jax.config import tiny_config
+from fine_jax.data import image as image_ops
+from fine_jax.models.fine import FashionFINE
+from fine_jax.optim import make_optimizer
+from fine_jax.stages.common import create_state
+
+B = 4
+
+
+def _cfg(stage="pretrain", **model):
+    cfg = tiny_config()
+    cfg.stage = stage
+    cfg.train.global_batch_size = B
+    cfg.loss.queue_size = 16
+    cfg.model.vocab_size = 2048  # the tiny size's full vocab only slows the test down
+    cfg.model.update(model)
+    return cfg
+
+
+def _batch(cfg, uint8=False):
+    rng = np.random.default_rng(0)
+    s, length = cfg.model.image_size, cfg.data.max_len
+    pixels = rng.integers(0, 256, size=(B, s, s, 3), dtype=np.uint8)
+    images = pixels if uint8 else np.stack([image_ops.normalize(p) for p in pixels])
+    ids = rng.integers(100, 2000, size=(B, length)).astype(np.int32)
+    mask = np.ones((B, length), np.int32)
+    mask[:, -5:] = 0
+    if cfg.stage == "tgir":
+        return {"reference_image": images, "target_image": images[::-1].copy(), "input_ids": ids,
+                "attention_mask": mask}
+    labels = np.where(rng.random((B, length)) < 0.2, ids, -100).astype(np.int32)
+    return {"image": images, "input_ids": ids, "attention_mask": mask, "mask_labels": labels,
+            "replace_labels": (rng.random((B, length)) < 0.1).astype(np.int32),
+            "idx": np.arange(B, dtype=np.int32), "neg_image": np.array([1, 2, 3, 0], np.int32),
+            "neg_text": np.array([3, 0, 1, 2], np.int32)}
+
+
+def _one_step(cfg, batch, deterministic=True, state=None):
+    model = FashionFINE(config_lib.model_config(cfg))
+    stage = stages.get(cfg.stage)
+    optimizer, schedule = make_optimizer(cfg.optim, steps_per_epoch=10)
+    loss_cfg = config_lib.loss_config(cfg)
+    if state is None:
+        state = create_state(model, optimizer, jax.random.PRNGKey(0),
+                             stage.make_queues(loss_cfg, cfg.model.embed_dim))
+    step = jax.jit(stage.make_step(model, optimizer, loss_cfg, 10, schedule,
+                                   deterministic=deterministic))
+    new, metrics = step(state, batch, jax.random.PRNGKey(3))
+    return state, jax.device_get(new), jax.device_get(metrics)
+
+
+def _compare(a, b, atol, rtol=0.0):
+    (_, new_a, m_a), (_, new_b, m_b) = a, b
+    for k in m_a:
+        np.testing.assert_allclose(m_b[k], m_a[k], atol=atol, rtol=rtol, err_msg=k)
+    chex.assert_trees_all_close(new_b["params"], new_a["params"], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "tgir"])
+def test_remat_and_fused_attention_give_the_same_step(stage):
+    cfg = _cfg(stage)
+    batch = _batch(cfg)
+    base = _one_step(cfg, batch)
+    for change in (dict(remat=True), dict(attention="fused"), dict(remat=True, attention="fused")):
+        other = _one_step(_cfg(stage, **change), batch, state=base[0])
+        _compare(base, other, atol=2e-5)
+
+
+def test_fused_attention_with_dropout_takes_the_explicit_path():
+    """Attention dropout has no fused kernel: the step with dropout is the explicit one."""
+    cfg = _cfg()
+    batch = _batch(cfg)
+    base = _one_step(cfg, batch, deterministic=False)
+    fused = _one_step(_cfg(attention="fused"), batch, deterministic=False, state=base[0])
+    _compare(base, fused, atol=2e-5)
+
+
+def test_bf16_compute_tracks_fp32():
+    cfg = _cfg()
+    batch = _batch(cfg)
+    base = _one_step(cfg, batch)
+    bf16 = _one_step(_cfg(dtype="bfloat16"), batch, state=base[0])
+    for k in ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_rtp", "loss_sym"):
+        np.testing.assert_allclose(bf16[2][k], base[2][k], rtol=3e-2, atol=1e-3, err_msg=k)
+    # Parameters stay fp32 and move by the same AdamW step, to bf16 precision.
+    for leaf in jax.tree_util.tree_leaves(bf16[1]["params"]):
+        assert leaf.dtype == np.float32
+    delta_a = jax.tree_util.tree_map(lambda n, o: n - o, base[1]["params"], base[0]["params"])
+    delta_b = jax.tree_util.tree_map(lambda n, o: n - o, bf16[1]["params"], base[0]["params"])
+    flat_a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(delta_a)])
+    flat_b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(delta_b)])
+    cos = flat_a @ flat_b / (np.linalg.norm(flat_a) * np.linalg.norm(flat_b))
+    assert cos > 0.9, cos
+
+
+def test_uint8_images_give_the_float_step():
+    cfg = _cfg()
+    base = _one_step(cfg, _batch(cfg))
+    raw = _one_step(cfg, _batch(cfg, uint8=True), state=base[0])
+    _compare(base, raw, atol=1e-5)
+
+
+def test_gathered_mlm_gives_the_full_step():
+    cfg = _cfg()
+    cfg.loss.mlm_gather = False
+    batch = _batch(cfg)
+    base = _one_step(cfg, batch)
+    gathered = _cfg()
+    assert gathered.loss.mlm_gather
+    _compare(base, _one_step(gathered, batch, state=base[0]), atol=2e-5)
+
+
+def test_unknown_attention_kind_is_a_clear_error():
+    with pytest.raises(config_lib.ConfigError, match="model.attention"):
+        config_lib.validate(_cfg(attention="flash"), num_devices=1)
