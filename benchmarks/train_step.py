@@ -145,10 +145,11 @@ def run_control(worktree: str, size: str, batch: int, steps: int) -> dict:
     for line in out.stdout.splitlines():
         parts = line.split()
         if parts and parts[0] == size:  # size batch dtype compile step pairs peak ...
+            step_s = float(parts[4])  # its pairs/s column has one decimal only
             return dict(code="control", size=size, stage="pretrain", batch=batch,
                         dtype=parts[2], remat=False, attention="xla",
-                        compile_s=float(parts[3]), step_s=float(parts[4]),
-                        pairs_per_s=float(parts[5]), peak_gib=float(parts[6]))
+                        compile_s=float(parts[3]), step_s=step_s, pairs_per_s=batch / step_s,
+                        peak_gib=float(parts[6]))
     raise SystemExit(f"control printed no result:\n{out.stdout[-2000:]}")
 
 

@@ -35,20 +35,21 @@ def get_config(size=None):
     c.model.vocab_size = 0  # 0: taken from the generated vocab
     c.loss.queue_size = 1024
     # From-scratch warm-up for the first half of the run, then the reference objective.
-    c.loss.scratch_warmup_steps = 225
+    c.loss.scratch_warmup_steps = 150
     c.loss.scratch_warmup_maa_keys = True
     c.loss.scratch_warmup_random_negatives = True
     c.loss.temp_min = 0.05
     c.loss.w_itc = 4.0  # undoes the focal alpha of 0.25
     c.loss.w_sym = 0.1
-    c.init.vit_pretrain_steps = 400
+    c.init.vit_pretrain_steps = 650
+    c.init.vit_pretrain_label = "caption_words"  # the ViT must see the details captions name
     c.init.vit_pretrain_lr = 1e-3
     c.loss.itm_exclude_same_product = True
     c.model.hidden_dropout = 0.0
     c.model.attention_dropout = 0.0
 
     c.train.global_batch_size = 64
-    c.optim.epochs = 6
+    c.optim.epochs = 4
     c.optim.lr = 5e-4
     c.optim.warmup_lr = 5e-5
     c.optim.min_lr = 5e-5

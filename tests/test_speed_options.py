@@ -68,58 +68,64 @@ def _compare(a, b, atol, rtol=0.0):
     chex.assert_trees_all_close(new_b["params"], new_a["params"], atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "tgir"])
-def test_remat_and_fused_attention_give_the_same_step(stage):
-    cfg = _cfg(stage)
+@pytest.fixture(scope="module")
+def base():
+    """The plain fp32 stage-1 step, computed once for the comparisons below."""
+    cfg = _cfg()
     batch = _batch(cfg)
-    base = _one_step(cfg, batch)
-    for change in (dict(remat=True), dict(attention="fused"), dict(remat=True, attention="fused")):
-        other = _one_step(_cfg(stage, **change), batch, state=base[0])
-        _compare(base, other, atol=2e-5)
+    return batch, _one_step(cfg, batch)
+
+
+@pytest.mark.parametrize("change", [dict(remat=True), dict(attention="fused")])
+def test_remat_and_fused_attention_give_the_same_step(base, change):
+    batch, plain = base
+    _compare(plain, _one_step(_cfg(**change), batch, state=plain[0]), atol=2e-5)
+
+
+def test_stage3_with_both_switches_gives_the_same_step():
+    cfg = _cfg("tgir")
+    batch = _batch(cfg)
+    plain = _one_step(cfg, batch)
+    _compare(plain, _one_step(_cfg("tgir", remat=True, attention="fused"), batch,
+                              state=plain[0]), atol=2e-5)
 
 
 def test_fused_attention_with_dropout_takes_the_explicit_path():
     """Attention dropout has no fused kernel: the step with dropout is the explicit one."""
     cfg = _cfg()
     batch = _batch(cfg)
-    base = _one_step(cfg, batch, deterministic=False)
-    fused = _one_step(_cfg(attention="fused"), batch, deterministic=False, state=base[0])
-    _compare(base, fused, atol=2e-5)
+    plain = _one_step(cfg, batch, deterministic=False)
+    fused = _one_step(_cfg(attention="fused"), batch, deterministic=False, state=plain[0])
+    _compare(plain, fused, atol=2e-5)
 
 
-def test_bf16_compute_tracks_fp32():
-    cfg = _cfg()
-    batch = _batch(cfg)
-    base = _one_step(cfg, batch)
-    bf16 = _one_step(_cfg(dtype="bfloat16"), batch, state=base[0])
+def test_bf16_compute_tracks_fp32(base):
+    batch, plain = base
+    bf16 = _one_step(_cfg(dtype="bfloat16"), batch, state=plain[0])
     for k in ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_rtp", "loss_sym"):
-        np.testing.assert_allclose(bf16[2][k], base[2][k], rtol=3e-2, atol=1e-3, err_msg=k)
+        np.testing.assert_allclose(bf16[2][k], plain[2][k], rtol=3e-2, atol=1e-3, err_msg=k)
     # Parameters stay fp32 and move by the same AdamW step, to bf16 precision.
     for leaf in jax.tree_util.tree_leaves(bf16[1]["params"]):
         assert leaf.dtype == np.float32
-    delta_a = jax.tree_util.tree_map(lambda n, o: n - o, base[1]["params"], base[0]["params"])
-    delta_b = jax.tree_util.tree_map(lambda n, o: n - o, bf16[1]["params"], base[0]["params"])
+    delta_a = jax.tree_util.tree_map(lambda n, o: n - o, plain[1]["params"], plain[0]["params"])
+    delta_b = jax.tree_util.tree_map(lambda n, o: n - o, bf16[1]["params"], plain[0]["params"])
     flat_a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(delta_a)])
     flat_b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(delta_b)])
     cos = flat_a @ flat_b / (np.linalg.norm(flat_a) * np.linalg.norm(flat_b))
     assert cos > 0.9, cos
 
 
-def test_uint8_images_give_the_float_step():
+def test_uint8_images_give_the_float_step(base):
+    _, plain = base
     cfg = _cfg()
-    base = _one_step(cfg, _batch(cfg))
-    raw = _one_step(cfg, _batch(cfg, uint8=True), state=base[0])
-    _compare(base, raw, atol=1e-5)
+    _compare(plain, _one_step(cfg, _batch(cfg, uint8=True), state=plain[0]), atol=1e-5)
 
 
-def test_gathered_mlm_gives_the_full_step():
-    cfg = _cfg()
-    cfg.loss.mlm_gather = False
-    batch = _batch(cfg)
-    base = _one_step(cfg, batch)
-    gathered = _cfg()
-    assert gathered.loss.mlm_gather
-    _compare(base, _one_step(gathered, batch, state=base[0]), atol=2e-5)
+def test_gathered_mlm_gives_the_full_step(base):
+    batch, plain = base  # the default: gathered
+    full = _cfg()
+    full.loss.mlm_gather = False
+    _compare(plain, _one_step(full, batch, state=plain[0]), atol=2e-5)
 
 
 def test_unknown_attention_kind_is_a_clear_error():

@@ -118,16 +118,21 @@ def finish_step(state: dict, params, momentum, queues, grads, optimizer, metrics
     say ``nonfinite = 1`` (the trainer then stops or skips, ``train.on_nonfinite``). So no
     checkpoint can ever hold the NaNs of a diverged update.
     """
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    updated = {"params": optax.apply_updates(params, updates), "momentum": momentum,
-               "opt_state": opt_state, "queues": queues}
     finite = jnp.isfinite(metrics["loss"])
     for g in jax.tree_util.tree_leaves(grads):
         finite &= jnp.all(jnp.isfinite(g))
-    kept = {k: state[k] for k in updated}
+
+    def update():
+        # Inside the branch, so that the AdamW update writes its results in place (computed
+        # outside, the taken branch copies every updated array: measured 6 % of a tiny step).
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        return {"params": optax.apply_updates(params, updates), "momentum": momentum,
+                "opt_state": opt_state, "queues": queues}
+
+    kept = {k: state[k] for k in ("params", "momentum", "opt_state", "queues")}
     # A conditional, not an elementwise select per leaf: XLA would copy the whole chain of
     # per-leaf checks into every fused select (over 100,000 ops, most of the step's compile time).
-    new_state = jax.lax.cond(finite, lambda: updated, lambda: kept)
+    new_state = jax.lax.cond(finite, update, lambda: kept)
     new_state["step"] = state["step"] + 1
     out = dict(metrics, temp=params["temp"], alpha=alpha, grad_norm=optax.tree.norm(grads),
                nonfinite=1.0 - finite.astype(jnp.float32))
