@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                          # tiny (batch 8), reference (2 and 4)
     python benchmarks/train_step.py --sizes=tiny --steps=20
     python benchmarks/train_step.py --sizes=reference --batches=4 --dtypes=float32,bfloat16 \\
-        --remat=off,on --stages=pretrain,retrieval,tgir
+        --remat=off,on --scan=off,on --stages=pretrain,retrieval,tgir
     python benchmarks/train_step.py --sizes=tiny --control=1120cd6 --pairs=3
 
 Sizes:
@@ -75,7 +75,7 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 
 def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: bool,
-              attention: str) -> dict:
+              attention: str, scan: bool = False) -> dict:
     """One measurement in this process."""
     import jax
 
@@ -90,6 +90,7 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     cfg.model.dtype = dtype
     cfg.model.remat = remat
     cfg.model.attention = attention
+    cfg.model.scan_layers = scan
     cfg.train.global_batch_size = batch
     if stage == "tgir":
         cfg.loss.queue_size = cfg.loss.queue_size // (2 * batch) * 2 * batch
@@ -119,7 +120,8 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     count = flops.step_flops(cfg).total
     peak, peak_source = flops.device_peak_flops(jax.devices()[0], dtype)
     return dict(code="this tree", size=size, stage=stage, batch=batch, dtype=dtype, remat=remat,
-                attention=attention, compile_s=compile_s, step_s=med, pairs_per_s=batch / med,
+                attention=attention, scan=scan, compile_s=compile_s, step_s=med,
+                pairs_per_s=batch / med,
                 gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
                 peak_source=peak_source, peak_gib=mem / 2**30, mem_kind=mem_kind,
                 loss=float(metrics["loss"]))
@@ -147,21 +149,22 @@ def run_control(worktree: str, size: str, batch: int, steps: int) -> dict:
         if parts and parts[0] == size:  # size batch dtype compile step pairs peak ...
             step_s = float(parts[4])  # its pairs/s column has one decimal only
             return dict(code="control", size=size, stage="pretrain", batch=batch,
-                        dtype=parts[2], remat=False, attention="xla",
+                        dtype=parts[2], remat=False, attention="xla", scan=False,
                         compile_s=float(parts[3]), step_s=step_s, pairs_per_s=batch / step_s,
                         peak_gib=float(parts[6]))
     raise SystemExit(f"control printed no result:\n{out.stdout[-2000:]}")
 
 
 HEADER = (f"{'code':<10} {'size':<9} {'stage':<9} {'batch':>5} {'dtype':<8} {'remat':<5} "
-          f"{'attn':<5} {'compile s':>9} {'step s':>8} {'pairs/s':>8} {'MFU %':>6} "
+          f"{'attn':<5} {'scan':<4} {'compile s':>9} {'step s':>8} {'pairs/s':>8} {'MFU %':>6} "
           f"{'peak GiB':>8}")
 
 
 def row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:6.1f}" if "mfu" in r else f"{'':>6}"
     return (f"{r['code']:<10} {r['size']:<9} {r['stage']:<9} {r['batch']:>5} {r['dtype']:<8} "
-            f"{'on' if r['remat'] else 'off':<5} {r['attention']:<5} {r['compile_s']:>9.2f} "
+            f"{'on' if r['remat'] else 'off':<5} {r['attention']:<5} "
+            f"{'on' if r.get('scan') else 'off':<4} {r['compile_s']:>9.2f} "
             f"{r['step_s']:>8.4f} {r['pairs_per_s']:>8.2f} {mfu} {r['peak_gib']:>8.2f}")
 
 
@@ -173,6 +176,7 @@ def main():
     ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
     ap.add_argument("--remat", default="off", help="comma list of off, on")
     ap.add_argument("--attention", default="xla", help="comma list of xla, fused")
+    ap.add_argument("--scan", default="off", help="comma list of off, on (model.scan_layers)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--control", default="", help="a commit to measure beside this tree")
     ap.add_argument("--pairs", type=int, default=1, help="control/this-tree pairs per setting")
@@ -180,9 +184,9 @@ def main():
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     if args.child:
-        size, stage, batch, dtype, remat, attention = rest
+        size, stage, batch, dtype, remat, attention, scan = rest
         print(json.dumps(bench_one(size, stage, int(batch), args.steps, dtype, remat == "on",
-                                   attention)))
+                                   attention, scan == "on")))
         return
 
     import jax
@@ -204,7 +208,7 @@ def main():
                 if worktree:
                     for _ in range(args.pairs):
                         c = run_control(worktree, size, b, args.steps)
-                        t = run_child([size, "pretrain", str(b), "float32", "off", "xla"])
+                        t = run_child([size, "pretrain", str(b), "float32", "off", "xla", "off"])
                         print(row(c), flush=True)
                         print(row(t) + f"   x{t['pairs_per_s'] / c['pairs_per_s']:.2f} "
                               f"pairs/s, x{t['peak_gib'] / c['peak_gib']:.2f} memory", flush=True)
@@ -214,9 +218,11 @@ def main():
                     for dtype in args.dtypes.split(","):
                         for remat in args.remat.split(","):
                             for attention in args.attention.split(","):
-                                r = run_child([size, stage, str(b), dtype, remat, attention])
-                                print(row(r), flush=True)
-                                results.append(r)
+                                for scan in args.scan.split(","):
+                                    r = run_child([size, stage, str(b), dtype, remat, attention,
+                                                   scan])
+                                    print(row(r), flush=True)
+                                    results.append(r)
     finally:
         if worktree:
             subprocess.run(["git", "worktree", "remove", "--force", worktree], cwd=REPO,

@@ -224,7 +224,10 @@ def gathered_mlm_loss(head: Callable[[jax.Array], jax.Array], states: jax.Array,
 
     if rows >= flat_labels.shape[0]:
         return every_position()
-    return jax.lax.cond(count <= rows, gathered, every_position)
+    # The fallback is rematerialised: differentiating a conditional keeps the residuals of both
+    # branches, and this branch's (B*L, V) logits would otherwise be zero-filled and carried
+    # through every step that never takes it (measured: a (B*L, V) memset and copy per step).
+    return jax.lax.cond(count <= rows, gathered, jax.checkpoint(every_position))
 
 
 def rtp_loss(rtp_logits: jax.Array, replace_labels: jax.Array) -> jax.Array:

@@ -33,6 +33,19 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# The slowest files, slowest first (measured with --durations). pytest-xdist hands whole files to
+# its workers in collection order, so starting the long ones first keeps one worker from running a
+# long file alone at the end while the other idles.
+SLOWEST_FIRST = ("test_multiprocess.py", "test_parallel.py", "test_train_step.py",
+                 "test_speed_options.py", "test_resume.py", "test_train_job.py", "test_stages.py",
+                 "test_notebook.py", "test_convert.py", "test_flops.py", "test_data_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
+
+
 def pytest_unconfigure(config):
     import shutil
 

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fine_jax import config as config_lib
@@ -76,10 +77,31 @@ def base():
     return batch, _one_step(cfg, batch)
 
 
-@pytest.mark.parametrize("change", [dict(remat=True), dict(attention="fused")])
-def test_remat_and_fused_attention_give_the_same_step(base, change):
+def test_remat_and_fused_attention_give_the_same_step(base):
+    batch, plain = base  # both switches in one step: each is a compile, most of this file's time
+    _compare(plain, _one_step(_cfg(remat=True, attention="fused"), batch, state=plain[0]),
+             atol=2e-5)
+
+
+def test_scanned_layers_give_the_same_step(base):
+    """model.scan_layers: the same parameters (stored layer by layer), losses and update."""
     batch, plain = base
-    _compare(plain, _one_step(_cfg(**change), batch, state=plain[0]), atol=2e-5)
+    scanned = _one_step(_cfg(scan_layers=True), batch, state=plain[0])
+    _compare(plain, scanned, atol=2e-5)
+
+
+def test_scanned_layers_draw_dropout_per_layer():
+    cfg = _cfg(scan_layers=True, remat=True)
+    model = FashionFINE(config_lib.model_config(cfg))
+    params = create_state(model, optax.sgd(0.1), jax.random.PRNGKey(0), lambda r: {})["params"]
+    ids = jnp.asarray(_batch(cfg)["input_ids"])
+    mask = jnp.ones_like(ids)
+    encode = jax.jit(lambda p, r: model.apply({"params": p}, ids, mask, False,
+                                             method=FashionFINE.encode_text, rngs={"dropout": r}))
+    a, b = encode(params, jax.random.PRNGKey(1)), encode(params, jax.random.PRNGKey(2))
+    kept = model.apply({"params": params}, ids, mask, True, method=FashionFINE.encode_text)
+    assert not np.allclose(a, b) and not np.allclose(a, kept)
+    np.testing.assert_allclose(a, encode(params, jax.random.PRNGKey(1)))
 
 
 def test_stage3_with_both_switches_gives_the_same_step():

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fine_jax.models.layers import (MASK_BIAS, attention_bias, dot_product_attention, gelu,
-                                    merge_heads, normal, split_heads)
+                                    merge_heads, normal, scan_layers, split_heads)
 
 Dtype = Any
 
@@ -168,6 +168,7 @@ class XBert(nn.Module):
     symbol_one_way: bool = False
     attention: str = "xla"  # or "fused" (layers.dot_product_attention)
     remat: bool = False  # recompute each layer's activations in the backward pass
+    scan: bool = False  # run the text layers and the fusion layers as two lax.scans
 
     def setup(self):
         self.embeddings = BertEmbeddings(self.vocab_size, self.hidden, self.max_positions,
@@ -188,6 +189,8 @@ class XBert(nn.Module):
         bias = attention_bias(attention_mask)
         if self.symbol_one_way:
             bias = bias + symbol_one_way_bias(input_ids)
+        if self._scanning():
+            return self._scan(range(self.fusion_layer), x, bias, deterministic)
         for layer in self.layers[: self.fusion_layer]:
             x = layer(x, bias, deterministic)
         return x
@@ -196,9 +199,30 @@ class XBert(nn.Module):
         """Fusion mode: text states cross-attend to every image token (all-ones image mask)."""
         bias = attention_bias(attention_mask)
         x = text_states
+        if self._scanning():
+            return self._scan(range(self.fusion_layer, self.num_layers), x, bias, deterministic,
+                              encoder=image_states, encoder_bias=None)
         for layer in self.layers[self.fusion_layer:]:
             x = layer(x, bias, deterministic, encoder=image_states, encoder_bias=None)
         return x
+
+    def _scanning(self) -> bool:
+        # Initialisation runs the layers one by one: that creates the per-layer parameters.
+        return self.scan and not self.is_initializing()
+
+    def _scan(self, indices, x, bias, deterministic, **kwargs):
+        """Layers ``indices`` (all text or all fusion: one structure) as one lax.scan."""
+        indices = list(indices)
+        if not indices:
+            return x
+        layer = BertLayer(self.hidden, self.heads, self.intermediate, self.attn_dropout,
+                          self.hidden_dropout, self.ln_eps,
+                          cross_attention=indices[0] >= self.fusion_layer, dtype=self.dtype,
+                          attention=self.attention, parent=None)  # unbound: applied as a function
+        dropping = not deterministic and (self.hidden_dropout > 0 or self.attn_dropout > 0)
+        return scan_layers(layer, [self.variables["params"][f"layer_{i}"] for i in indices], x,
+                           bias, deterministic, rng=self.make_rng("dropout") if dropping else None,
+                           remat=self.remat, **kwargs)
 
     def __call__(self, input_ids, attention_mask, image_states, deterministic: bool = True):
         return self.fusion(self.text(input_ids, attention_mask, deterministic), attention_mask,

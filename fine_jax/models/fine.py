@@ -94,6 +94,10 @@ class ModelConfig:
     # Recompute each ViT block's and BERT layer's activations in the backward pass instead of
     # keeping them: less memory for a second forward of the encoders.
     remat: bool = False
+    # Run the ViT blocks, the BERT text layers and the fusion layers as three lax.scans, each
+    # layer compiled once instead of once per layer (compile time grows with one layer, not the
+    # depth). Parameters stay stored layer by layer, so checkpoints do not depend on it.
+    scan_layers: bool = False
 
     def validate(self) -> None:
         """Raises ValueError naming the ``model.*`` keys of a combination the model cannot build."""
@@ -157,7 +161,7 @@ def vision_tower(c: ModelConfig) -> VisionTransformer:
     """The image encoder of a model config (also used alone by fine_jax.vit_pretrain)."""
     return VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_depth,
                              c.vision_heads, c.vision_mlp_ratio, c.vision_ln_eps, c.compute_dtype,
-                             attention=c.attention, remat=c.remat)
+                             attention=c.attention, remat=c.remat, scan=c.scan_layers)
 
 
 class FashionFINE(nn.Module):
@@ -173,7 +177,7 @@ class FashionFINE(nn.Module):
                                   c.type_vocab_size, c.hidden_dropout, c.attention_dropout,
                                   c.bert_ln_eps, dt, c.pad_token_id,
                                   symbol_one_way=c.symbol_one_way, attention=c.attention,
-                                  remat=c.remat)
+                                  remat=c.remat, scan=c.scan_layers)
         self.vision_proj = torch_dense(c.embed_dim, c.vision_width, dtype=dt)
         self.text_proj = torch_dense(c.embed_dim, c.hidden_size, dtype=dt)
         self.combine_vision_proj = torch_dense(c.embed_dim, c.embed_dim, dtype=dt)

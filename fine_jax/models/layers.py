@@ -104,3 +104,30 @@ def split_heads(x: jax.Array, heads: int) -> jax.Array:
 def merge_heads(x: jax.Array) -> jax.Array:
     b, t, h, d = x.shape
     return x.reshape(b, t, h * d)
+
+
+def scan_layers(layer: nn.Module, params: list, x: jax.Array, *args, rng: jax.Array | None = None,
+                remat: bool = False, **kwargs) -> jax.Array:
+    """``x`` through ``layer`` once per entry of ``params`` (one layer's parameters each, the same
+    structure), as one ``lax.scan`` over the stacked parameters: XLA compiles the layer once
+    instead of once per layer (``model.scan_layers``).
+
+    The parameters stay stored layer by layer (``blocks_<i>``, ``layer_<i>``), so checkpoints and
+    weight conversion do not depend on the switch; they are stacked here, inside the
+    differentiated function, at the cost of one copy of the layers' weights per call. ``layer`` is
+    an unbound module, applied as a pure function; ``args``/``kwargs`` are the same for every layer.
+    With ``rng``, each layer gets its own dropout key (other keys than the unrolled layers draw,
+    the same distribution).
+    """
+    stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *params)
+    keys = None if rng is None else jax.random.split(rng, len(params))
+
+    def body(h, xs):
+        p, key = xs
+        rngs = None if key is None else {"dropout": key}
+        return layer.apply({"params": p}, h, *args, rngs=rngs, **kwargs), None
+
+    if remat:
+        body = jax.checkpoint(body)
+    x, _ = jax.lax.scan(body, x, (stacked, keys))
+    return x

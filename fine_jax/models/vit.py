@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fine_jax.data.image import CLIP_MEAN, CLIP_STD
-from fine_jax.models.layers import (dot_product_attention, gelu, merge_heads, split_heads,
-                                    torch_default_bias, torch_default_kernel, trunc_normal)
+from fine_jax.models.layers import (dot_product_attention, gelu, merge_heads, scan_layers,
+                                    split_heads, torch_default_bias, torch_default_kernel, trunc_normal)
 
 Dtype = Any
 
@@ -104,6 +104,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     attention: str = "xla"  # or "fused" (layers.dot_product_attention)
     remat: bool = False  # recompute each block's activations in the backward pass
+    scan: bool = False  # run the blocks as one lax.scan (layers.scan_layers)
 
     @property
     def num_patches(self) -> int:
@@ -122,8 +123,14 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
         x = x + pos.astype(x.dtype)
         hidden = int(self.width * self.mlp_ratio)
-        block = nn.remat(ViTBlock) if self.remat else ViTBlock
-        for i in range(self.depth):
-            x = block(self.width, self.heads, hidden, self.ln_eps, self.dtype, self.attention,
-                      name=f"blocks_{i}")(x)
+        if self.scan and not self.is_initializing():
+            block = ViTBlock(self.width, self.heads, hidden, self.ln_eps, self.dtype, self.attention,
+                             parent=None)  # unbound: applied as a function of each block's params
+            x = scan_layers(block, [self.variables["params"][f"blocks_{i}"]
+                                    for i in range(self.depth)], x, remat=self.remat)
+        else:
+            block = nn.remat(ViTBlock) if self.remat else ViTBlock
+            for i in range(self.depth):
+                x = block(self.width, self.heads, hidden, self.ln_eps, self.dtype, self.attention,
+                          name=f"blocks_{i}")(x)
         return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
