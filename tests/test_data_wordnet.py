@@ -169,3 +169,23 @@ def test_real_debian_wordnet():
     syn = lex.synonyms("Cotton")
     assert syn[:2] == ["cotton", "cotton_fiber"] or "cotton" in syn
     assert "jacket" in lex.synonyms("jackets")
+
+
+def test_lookups_from_many_threads_read_the_same_entries(tiny_wordnet):
+    """The grain pipeline looks words up from several threads (data.num_threads); NLTK's reader
+    shares its file handles, so unguarded lookups read each other's lines."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    words = ["light", "pale", "black", "zip", "coat", "jackets", "zipped", "dark", "white",
+             "heavy", "unzip", "jacket", "cotton"]
+    one = wordnet.WordNetLexicon(tiny_wordnet)
+    expected = {w: (one.antonyms(w), one.synonyms(w)) for w in words}
+    for _ in range(30):
+        lex = wordnet.WordNetLexicon(tiny_wordnet)  # nothing memoised: every lookup reads
+
+        def look(w, lex=lex):
+            return w, (lex.antonyms(w), lex.synonyms(w))
+
+        with ThreadPoolExecutor(8) as pool:
+            got = dict(pool.map(look, words * 4))
+        assert got == expected

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 WORDNET_ENV = "FINE_JAX_WORDNET_DIR"
 DEFAULT_DIRS: tuple[str, ...] = ("/usr/share/wordnet", "/usr/local/share/wordnet",
@@ -116,12 +117,17 @@ class WordNetLexicon:
 
     Same interface as :class:`fine_jax.data.text.Lexicon`. Results are memoised per process (the
     stage-1 builder asks for the same word-pieces and attribute words over and over).
+
+    Thread-safe: NLTK's reader seeks and reads shared file handles, so two threads looking up
+    words at once (the grain pipeline's ``data.num_threads``) would read each other's lines; every
+    database read holds one lock, and memoised words need none.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = find_wordnet_dir(directory)
         self._reader = None
         self._pid = None
+        self._lock = threading.Lock()
         self._antonyms: dict[str, tuple[str, ...]] = {}
         self._synonyms: dict[str, tuple[str, ...]] = {}
 
@@ -132,6 +138,7 @@ class WordNetLexicon:
         self.directory = state["directory"]
         self._reader = None
         self._pid = None
+        self._lock = threading.Lock()
         self._antonyms = {}
         self._synonyms = {}
 
@@ -152,22 +159,24 @@ class WordNetLexicon:
         """First antonym of every antonym-bearing lemma of every synset, duplicates kept."""
         cached = self._antonyms.get(word)
         if cached is None:
-            names = []
-            for synset in self._synsets(word):
-                for lemma in synset.lemmas():
-                    antonyms = lemma.antonyms()
-                    if antonyms:
-                        names.append(antonyms[0].name())
-            cached = self._antonyms[word] = tuple(names)
+            with self._lock:  # lemma.antonyms() reads the database too
+                names = []
+                for synset in self._synsets(word):
+                    for lemma in synset.lemmas():
+                        antonyms = lemma.antonyms()
+                        if antonyms:
+                            names.append(antonyms[0].name())
+                cached = self._antonyms[word] = tuple(names)
         return list(cached)
 
     def synonyms(self, word: str) -> list[str]:
         """Distinct lemma names of all synsets, in WordNet's order (the word itself included)."""
         cached = self._synonyms.get(word)
         if cached is None:
-            names: dict[str, None] = {}
-            for synset in self._synsets(word):
-                names.update(dict.fromkeys(synset.lemma_names()))
-            cached = self._synonyms[word] = tuple(names)
+            with self._lock:
+                names: dict[str, None] = {}
+                for synset in self._synsets(word):
+                    names.update(dict.fromkeys(synset.lemma_names()))
+                cached = self._synonyms[word] = tuple(names)
         return list(cached)
 
