@@ -95,9 +95,12 @@ def base_config() -> ml_collections.ConfigDict:
         # in one local detail, are shuffled as one block, so they share a batch and are each
         # other's in-batch negatives. "" = the reference's plain shuffle.
         batch_groups="",
-        num_workers=0,  # grain worker processes; 0 = threads in the main process
-        num_threads=2,
-        prefetch=4,
+        # grain worker processes; 0 = threads in the main process; -1 = auto: one per core this
+        # process may use (at most 16) on an accelerator, 0 when the CPU itself trains
+        # (fine_jax.data.pipeline.resolve_workers; benchmarks/data_pipeline.py --sweep measures).
+        num_workers=0,
+        num_threads=2,  # threads reading and transforming batches (per worker process)
+        prefetch=4,  # batches each reader keeps ready; at least num_threads
         # Embedded synthetic set (source="synthetic").
         synthetic_seed=0,
         synthetic_train_products=1600,
@@ -339,6 +342,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     if d.source not in sources:
         raise ConfigError(f"data.source={d.source!r} cannot feed stage {config.stage!r}; use one of "
                           f"{', '.join(sources)}")
+    if d.num_workers < -1 or d.num_threads < 1 or d.prefetch < 1:
+        raise ConfigError(f"data.num_workers={d.num_workers}, data.num_threads={d.num_threads}, "
+                          f"data.prefetch={d.prefetch}: workers must be -1 (auto) or more, threads "
+                          "and prefetch at least 1")
     if d.format not in ("auto", "arrayrecord", "h5", "reference_json"):
         raise ConfigError(f"data.format={d.format!r}: use auto, arrayrecord, h5 or reference_json")
     if d.lexicon not in ("wordnet", "json", "none"):

@@ -2,12 +2,14 @@
 process sharding, worker processes, and bad records replaced, counted and reported."""
 import json
 import logging
+import os
 import pathlib
 import shutil
 
 import numpy as np
 import pytest
 
+from fine_jax import config as config_lib
 from fine_jax.data import pipeline, reference_json, samplers
 from fine_jax.data.fashiongen import FashionGenH5Source
 from fine_jax.data.text import Lexicon, Tokenizer, build_stage2_text
@@ -311,3 +313,16 @@ def test_training_log_reports_replaced_records(reference, release, tmp_path, cap
     assert "1 unreadable records replaced" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(tmp_path / "work" / "metrics.jsonl")]
     assert [r["bad_records"] for r in rows][-1] == 1
+
+
+def test_auto_workers_one_per_core_on_accelerators_none_on_cpu():
+    assert pipeline.resolve_workers(3, "gpu") == 3 and pipeline.resolve_workers(0, "tpu") == 0
+    assert pipeline.resolve_workers(-1, "cpu") == 0
+    auto = pipeline.resolve_workers(-1, "gpu")
+    assert 1 <= auto <= min(pipeline.MAX_AUTO_WORKERS, os.cpu_count())
+    cfg = config_lib.load_config_file(pathlib.Path(__file__).parents[1] / "configs" / "fashiongen.py")
+    assert cfg.data.num_workers == -1
+    config_lib.validate(cfg, num_devices=1)
+    cfg.data.num_workers = -2
+    with pytest.raises(config_lib.ConfigError, match="data.num_workers=-2"):
+        config_lib.validate(cfg, num_devices=1)

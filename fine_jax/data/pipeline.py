@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -207,6 +208,33 @@ def steps_per_epoch(num_records: int, global_batch: int) -> int:
     return steps
 
 
+MAX_AUTO_WORKERS = 16
+
+
+def resolve_workers(num_workers: int, backend: str | None = None) -> int:
+    """``data.num_workers``, with -1 (auto) resolved for this process.
+
+    Auto gives one worker process per core this process may run on, at most 16, when the model
+    trains on an accelerator: the host's cores have nothing else to do, and one core's worker
+    makes about 300 stage-1 records/s at 256 px (``benchmarks/data_pipeline.py --sweep``), so the
+    reference's 1,500 records/s takes five or six. When the CPU itself trains, the cores belong to
+    the step, and auto is 0: batches are made by threads in this process.
+    """
+    if num_workers >= 0:
+        return num_workers
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend == "cpu":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_WORKERS, cores))
+
+
 def training_stream(items: Sequence, transform, global_batch: int, seed: int,
                     num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                     num_threads: int = 2, prefetch: int = 4, num_workers: int = 0,
@@ -236,6 +264,7 @@ def training_stream(items: Sequence, transform, global_batch: int, seed: int,
     ds = ds.repeat(num_epochs)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=prefetch))
+    num_workers = resolve_workers(num_workers)
     if num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it_ds
