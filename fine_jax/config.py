@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
         # order (stage, model.*, train.global_batch_size, train.seed, loss.queue_size) is refused
         # unless this is True.
         allow_config_change=False,
+        # XLA's persistent compilation cache: a restarted or repeated run loads its compiled steps
+        # instead of compiling them again. "" = off. Left as it is when JAX_COMPILATION_CACHE_DIR
+        # (or jax.config) names one already, and off in multi-process jobs.
+        compilation_cache="~/.cache/fine_jax/xla",
     ))
 
     # How the job spreads over devices and processes (fine_jax.parallel). The mesh has axes

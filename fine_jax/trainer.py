@@ -208,6 +208,29 @@ def check_resume_config(cfg, workdir: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------
+def enable_compilation_cache(folder: str) -> str | None:
+    """XLA's persistent compilation cache in ``folder`` (``train.compilation_cache``); returns the
+    folder in use, or None.
+
+    Nothing changes when the folder is empty, when a cache is configured already, or in a
+    multi-process job: there JAX writes the cache from process 0 only, so on a restart process 0
+    would load a step while the others compile it, and wait for them at the first collective.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    if not folder or jax.process_count() > 1:
+        return None
+    path = pathlib.Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log(f"compilation cache off: cannot create {path} ({e.strerror})")
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    log(f"XLA compilation cache: {path} (train.compilation_cache)")
+    return str(path)
+
+
 def run(cfg, workdir: str) -> dict | None:
     """Trains ``cfg.stage`` in ``workdir``; returns the last evaluation's results (or None).
 
@@ -225,6 +248,7 @@ def run(cfg, workdir: str) -> dict | None:
             "launch/tpu_vm.py --gcsfuse=BUCKET:/mnt/BUCKET mounts it on every TPU worker)")
     workdir = pathlib.Path(workdir).expanduser().absolute()
     config_lib.validate(cfg, num_devices=jax.device_count())  # before any data is touched
+    enable_compilation_cache(cfg.train.compilation_cache)
     is_main = jax.process_index() == 0
     lock = None
     if not remote:

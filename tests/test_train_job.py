@@ -291,3 +291,34 @@ def test_evaluate_by_default_writes_beside_the_run_without_touching_its_results(
     assert (workdir / "eval_results.json").read_text() == before
     written = json.loads((workdir / "evaluation" / "step_10" / "eval_results.json").read_text())
     assert written["results"] == pytest.approx(results)
+
+
+def test_compilation_cache_is_written_and_read_by_a_second_process(tmp_path):
+    """train.compilation_cache: the first process writes its compiled program, a second one
+    loads it; "" leaves the cache off; a cache named by the environment wins."""
+    script = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "from fine_jax import trainer\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "print('CACHE', trainer.enable_compilation_cache(sys.argv[1]))\n"
+        "f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())\n"
+        "print('VALUE', float(f(jnp.arange(12.0).reshape(3, 4))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["PYTHONPATH"] = str(REPO)
+
+    def run(folder, extra_env=None):
+        out = subprocess.run([sys.executable, "-c", script, folder], capture_output=True,
+                             text=True, env={**env, **(extra_env or {})}, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    cache = tmp_path / "xla"
+    first = run(str(cache))
+    assert f"CACHE {cache}" in first and any(cache.iterdir())
+    files = sorted(p.name for p in cache.iterdir())
+    second = run(str(cache))
+    assert sorted(p.name for p in cache.iterdir()) == files  # read, nothing new compiled
+    assert first.splitlines()[-1] == second.splitlines()[-1]
+    assert "CACHE None" in run("")
+    other = tmp_path / "env"
+    assert f"CACHE {other}" in run(str(cache), {"JAX_COMPILATION_CACHE_DIR": str(other)})
