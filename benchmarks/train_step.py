@@ -5,6 +5,7 @@
     python benchmarks/train_step.py --sizes=reference --batches=4 --dtypes=float32,bfloat16 \\
         --remat=off,on --scan=off,on --stages=pretrain,retrieval,tgir
     python benchmarks/train_step.py --sizes=tiny --control=1120cd6 --pairs=3
+    python benchmarks/train_step.py --sizes=tiny,reference --batches=2 --allocator=system,auto
 
 Sizes:
   tiny       ViT 64 wide / depth 2 / 2 heads / patch 16 / 64 px; BERT hidden 64, 4 layers
@@ -19,6 +20,8 @@ in use where the backend reports it (GPU, TPU), else the process's peak resident
 which includes the compiler's own peak). MFU is the analytic model FLOPs (fine_jax.flops) over the
 device's peak (a table for TPUs and GPUs, a measured matmul on CPU).
 
+Each measurement runs with the host allocator the commands choose (``fine_jax.allocator``:
+tcmalloc when installed, else glibc with huge pages); ``--allocator=system,auto`` measures both.
 ``--control=COMMIT`` measures that commit's own ``benchmarks/train_step.py`` (stage 1, fp32) in a
 temporary git worktree, alternating with this tree ``--pairs`` times per size and batch, and prints
 the speed ratio of each pair: machines drift from one minute to the next, the ratio within a pair
@@ -79,6 +82,7 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     """One measurement in this process."""
     import jax
 
+    from fine_jax import allocator
     from fine_jax import config as config_lib
     from fine_jax import flops, stages
     from fine_jax.models.fine import FashionFINE
@@ -124,13 +128,17 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
                 pairs_per_s=batch / med,
                 gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
                 peak_source=peak_source, peak_gib=mem / 2**30, mem_kind=mem_kind,
-                loss=float(metrics["loss"]))
+                loss=float(metrics["loss"]), allocator=allocator.active())
 
 
-def run_child(args: list[str]) -> dict:
-    """One measurement of this tree in a fresh process."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args],
-                         capture_output=True, text=True, cwd=REPO)
+def run_child(args: list[str], steps: int, allocator: str = "auto") -> dict:
+    """One measurement of this tree in a fresh process, with ``FINE_JAX_ALLOCATOR=allocator``."""
+    from fine_jax.allocator import ACTIVE_ENV, ENV
+
+    env = {k: v for k, v in os.environ.items() if k != ACTIVE_ENV}
+    env[ENV] = allocator
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args,
+                          f"--steps={steps}"], capture_output=True, text=True, cwd=REPO, env=env)
     if out.returncode != 0:
         raise SystemExit(f"measurement {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -138,7 +146,12 @@ def run_child(args: list[str]) -> dict:
 
 def run_control(worktree: str, size: str, batch: int, steps: int) -> dict:
     """One measurement of the control commit's own script (stage 1, fp32) in a fresh process."""
-    env = dict(os.environ, PYTHONPATH=worktree)
+    from fine_jax.allocator import ACTIVE_ENV
+
+    # As the control commit ran: without the allocator this tree's commands choose.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", ACTIVE_ENV)}
+    env["PYTHONPATH"] = worktree
     out = subprocess.run([sys.executable, "benchmarks/train_step.py", f"--sizes={size}",
                           f"--batches={batch}", f"--steps={steps}"], capture_output=True,
                          text=True, cwd=worktree, env=env)
@@ -151,20 +164,21 @@ def run_control(worktree: str, size: str, batch: int, steps: int) -> dict:
             return dict(code="control", size=size, stage="pretrain", batch=batch,
                         dtype=parts[2], remat=False, attention="xla", scan=False,
                         compile_s=float(parts[3]), step_s=step_s, pairs_per_s=batch / step_s,
-                        peak_gib=float(parts[6]))
+                        peak_gib=float(parts[6]), allocator="system malloc")
     raise SystemExit(f"control printed no result:\n{out.stdout[-2000:]}")
 
 
 HEADER = (f"{'code':<10} {'size':<9} {'stage':<9} {'batch':>5} {'dtype':<8} {'remat':<5} "
-          f"{'attn':<5} {'scan':<4} {'compile s':>9} {'step s':>8} {'pairs/s':>8} {'MFU %':>6} "
-          f"{'peak GiB':>8}")
+          f"{'attn':<5} {'scan':<4} {'alloc':<9} {'compile s':>9} {'step s':>8} {'pairs/s':>8} "
+          f"{'MFU %':>6} {'peak GiB':>8}")
 
 
 def row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:6.1f}" if "mfu" in r else f"{'':>6}"
     return (f"{r['code']:<10} {r['size']:<9} {r['stage']:<9} {r['batch']:>5} {r['dtype']:<8} "
             f"{'on' if r['remat'] else 'off':<5} {r['attention']:<5} "
-            f"{'on' if r.get('scan') else 'off':<4} {r['compile_s']:>9.2f} "
+            f"{'on' if r.get('scan') else 'off':<4} {r.get('allocator', '?').split()[0]:<9} "
+            f"{r['compile_s']:>9.2f} "
             f"{r['step_s']:>8.4f} {r['pairs_per_s']:>8.2f} {mfu} {r['peak_gib']:>8.2f}")
 
 
@@ -177,6 +191,8 @@ def main():
     ap.add_argument("--remat", default="off", help="comma list of off, on")
     ap.add_argument("--attention", default="xla", help="comma list of xla, fused")
     ap.add_argument("--scan", default="off", help="comma list of off, on (model.scan_layers)")
+    ap.add_argument("--allocator", default="auto", help="comma list of FINE_JAX_ALLOCATOR "
+                    "values: auto, tcmalloc, hugepages, system (fine_jax.allocator)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--control", default="", help="a commit to measure beside this tree")
     ap.add_argument("--pairs", type=int, default=1, help="control/this-tree pairs per setting")
@@ -184,6 +200,9 @@ def main():
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     if args.child:
+        from fine_jax import allocator
+
+        allocator.reexec_if_needed()  # the allocator the commands run with (fine_jax.allocator)
         size, stage, batch, dtype, remat, attention, scan = rest
         print(json.dumps(bench_one(size, stage, int(batch), args.steps, dtype, remat == "on",
                                    attention, scan == "on")))
@@ -208,7 +227,8 @@ def main():
                 if worktree:
                     for _ in range(args.pairs):
                         c = run_control(worktree, size, b, args.steps)
-                        t = run_child([size, "pretrain", str(b), "float32", "off", "xla", "off"])
+                        t = run_child([size, "pretrain", str(b), "float32", "off", "xla", "off"],
+                                      args.steps)
                         print(row(c), flush=True)
                         print(row(t) + f"   x{t['pairs_per_s'] / c['pairs_per_s']:.2f} "
                               f"pairs/s, x{t['peak_gib'] / c['peak_gib']:.2f} memory", flush=True)
@@ -219,10 +239,11 @@ def main():
                         for remat in args.remat.split(","):
                             for attention in args.attention.split(","):
                                 for scan in args.scan.split(","):
-                                    r = run_child([size, stage, str(b), dtype, remat, attention,
-                                                   scan])
-                                    print(row(r), flush=True)
-                                    results.append(r)
+                                    for alloc in args.allocator.split(","):
+                                        r = run_child([size, stage, str(b), dtype, remat,
+                                                       attention, scan], args.steps, alloc)
+                                        print(row(r), flush=True)
+                                        results.append(r)
     finally:
         if worktree:
             subprocess.run(["git", "worktree", "remove", "--force", worktree], cwd=REPO,

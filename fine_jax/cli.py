@@ -89,7 +89,11 @@ def parse_flags(argv):
 
 def main(entry: Callable[[], object]) -> None:
     """``absl.app.run`` of ``entry`` (which reads the flags) with :func:`parse_flags` and
-    :func:`run_main`."""
+    :func:`run_main`, in a process re-executed first with a caching host allocator
+    (``fine_jax.allocator``)."""
+    from fine_jax import allocator
+
+    allocator.reexec_if_needed()
     from absl import app
 
     app.run(lambda argv: run_main(entry), flags_parser=parse_flags)

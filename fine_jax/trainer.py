@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fine_jax import allocator
 from fine_jax import config as config_lib
 from fine_jax import faults
 from fine_jax import flops as flops_lib
@@ -305,6 +306,7 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
     total_steps = cfg.optim.epochs * spe if cfg.train.max_steps < 0 else cfg.train.max_steps
     log(f"fine_jax {stage.name} | devices: {jax.device_count()} x {jax.devices()[0].platform} | "
         f"{data.description} | global batch {bg} | {spe} steps/epoch | {total_steps} steps")
+    log(f"host allocator: {allocator.active()} ({allocator.ENV})")
 
     # --- model, optimiser, state ------------------------------------------------------------
     model = FashionFINE(config_lib.model_config(cfg))
