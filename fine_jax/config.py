@@ -121,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=2,
         # Deterministic step: no dropout anywhere (the reference trains with BERT dropout 0.1).
         deterministic=False,
-        # A step whose loss or any gradient is not finite never changes the state. "stop": end the
+        # A step whose loss or any gradient is not finite changes neither the weights, the AdamW
+        # moments nor the queues (the momentum copies take their EMA step). "stop": end the
         # run there (exit status 2), naming the last good checkpoint; "skip": go on with the next
         # batch, and stop after more than max_nonfinite_skips such steps in a row.
         on_nonfinite="stop",

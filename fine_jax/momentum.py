@@ -41,26 +41,41 @@ def init_queues(rng: jax.Array, size: int, dim: int, with_idx: bool = True) -> d
     return queues
 
 
+def _write(queue: jax.Array, rows: jax.Array, ptr: jax.Array, keep) -> jax.Array:
+    """``rows`` written at ``ptr``; where ``keep`` is False the rows already there, rewritten:
+    the decision costs a select over the written rows, not over the queue."""
+    rows = rows.astype(queue.dtype)
+    start = (ptr,) + (0,) * (queue.ndim - 1)
+    if keep is not None:
+        rows = jnp.where(keep, rows, jax.lax.dynamic_slice(queue, start, rows.shape))
+    return jax.lax.dynamic_update_slice(queue, rows, start)
+
+
+def _advance(ptr: jax.Array, n: int, size: int, keep) -> jax.Array:
+    moved = (ptr + n) % size
+    return (moved if keep is None else jnp.where(keep, moved, ptr)).astype(jnp.int32)
+
+
 def enqueue(queues: dict, image_feat: jax.Array, text_feat: jax.Array,
-            idx: jax.Array | None = None) -> dict:
+            idx: jax.Array | None = None, keep=None) -> dict:
     """Write the global batch's momentum features at ``ptr``; ptr <- (ptr + Bg) mod Q.
 
     Q must be a multiple of Bg (checked when the config is built), so a write never wraps.
+    ``keep`` (a traced bool, optional): False leaves the queues and the pointer as they were
+    (a step that is not applied, ``stages.common.finish_step``).
     """
     batch = image_feat.shape[0]
     size = queues["image"].shape[0]
     _check_fits(size, batch)
     ptr = queues["ptr"]
     out = dict(queues)
-    out["image"] = jax.lax.dynamic_update_slice(queues["image"],
-                                                image_feat.astype(queues["image"].dtype), (ptr, 0))
-    out["text"] = jax.lax.dynamic_update_slice(queues["text"],
-                                               text_feat.astype(queues["text"].dtype), (ptr, 0))
+    out["image"] = _write(queues["image"], image_feat, ptr, keep)
+    out["text"] = _write(queues["text"], text_feat, ptr, keep)
     if "idx" in queues:
         if idx is None:
             raise ValueError("this queue keeps product ids: pass idx")
-        out["idx"] = jax.lax.dynamic_update_slice(queues["idx"], idx.astype(jnp.int32), (ptr,))
-    out["ptr"] = ((ptr + batch) % size).astype(jnp.int32)
+        out["idx"] = _write(queues["idx"], idx, ptr, keep)
+    out["ptr"] = _advance(ptr, batch, size, keep)
     return out
 
 
@@ -76,9 +91,11 @@ def init_tgir_queues(rng: jax.Array, size: int, dim: int) -> dict:
     }
 
 
-def enqueue_rows(queue: jax.Array, ptr: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+def enqueue_rows(queue: jax.Array, ptr: jax.Array, rows: jax.Array,
+                 keep=None) -> tuple[jax.Array, jax.Array]:
     """Writes ``rows`` at ``ptr``; returns (queue, (ptr + len(rows)) mod Q). Q must be a multiple
-    of ``len(rows)`` (checked when the config is validated), so a write never wraps."""
+    of ``len(rows)`` (checked when the config is validated), so a write never wraps. ``keep``
+    False leaves both as they were (see :func:`enqueue`)."""
     _check_fits(queue.shape[0], rows.shape[0])
-    queue = jax.lax.dynamic_update_slice(queue, rows.astype(queue.dtype), (ptr, 0))
-    return queue, ((ptr + rows.shape[0]) % queue.shape[0]).astype(jnp.int32)
+    return (_write(queue, rows, ptr, keep),
+            _advance(ptr, rows.shape[0], queue.shape[0], keep))

@@ -167,6 +167,35 @@ def test_ema_and_queues_after_three_steps(cfg):
     assert np.all(np.asarray(q["idx"][3 * b:]) == IDX_QUEUE_FILL)
 
 
+def test_a_non_finite_step_changes_neither_weights_moments_nor_queues(cfg):
+    """A NaN in the batch: the parameters, AdamW moments, queues and pointer stay as they were
+    (the NaN momentum features are not enqueued), the momentum copies take their usual EMA step
+    towards the unchanged parameters and stay finite, and the next finite step trains on."""
+    c = tiny_config(vocab_size=512, hidden_dropout=0.0, attention_dropout=0.0)
+    _, state, step = build(c)
+    jstep = jax.jit(step)
+    state, _ = jstep(state, make_batch(c, seed=0), jax.random.PRNGKey(0))
+    before = jax.device_get(state)
+    bad = make_batch(c, seed=1)
+    bad["image"][0, 0, 0, 0] = np.nan
+    state, metrics = jstep(state, bad, jax.random.PRNGKey(1))
+    assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(state)
+    for part in ("params", "opt_state", "queues"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, after[part], before[part])
+    assert int(after["step"]) == int(before["step"]) + 1
+    m = c.loss.momentum
+    jax.tree_util.tree_map(
+        lambda new, old, online: np.testing.assert_allclose(new, m * old + (1 - m) * online,
+                                                            rtol=1e-6, atol=1e-7),
+        after["momentum"], before["momentum"],
+        {k: before["params"][k] for k in before["momentum"]})
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(after))
+    state, metrics = jstep(state, make_batch(c, seed=2), jax.random.PRNGKey(2))
+    assert float(metrics["nonfinite"]) == 0.0
+    assert int(state["queues"]["ptr"]) == 2 * c.train.global_batch_size
+
+
 def test_queue_pointer_wraps(cfg):
     c = tiny_config(vocab_size=512)
     c.loss.queue_size = 16

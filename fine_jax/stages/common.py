@@ -109,31 +109,41 @@ def momentum_global_features(apply, params, momentum, images, ids, mask, rng=Non
             jax.lax.stop_gradient(apply(mparams, FashionFINE.text_global, txt_m)))
 
 
-def finish_step(state: dict, params, momentum, queues, grads, optimizer, metrics: dict, alpha,
-                schedule):
-    """The AdamW update after the loss and the enqueue; returns (new state, step metrics).
-
-    A step whose loss or any gradient is not finite changes nothing but the step counter: the
-    parameters, momentum copies, optimiser moments and queues stay as they were, and the metrics
-    say ``nonfinite = 1`` (the trainer then stops or skips, ``train.on_nonfinite``). So no
-    checkpoint can ever hold the NaNs of a diverged update.
-    """
-    finite = jnp.isfinite(metrics["loss"])
+def step_is_finite(loss, grads) -> jax.Array:
+    """True when the loss and every gradient are finite: the step may change the state."""
+    finite = jnp.isfinite(loss)
     for g in jax.tree_util.tree_leaves(grads):
         finite &= jnp.all(jnp.isfinite(g))
+    return finite
+
+
+def finish_step(state: dict, params, momentum, queues, grads, optimizer, metrics: dict, alpha,
+                schedule, finite):
+    """The AdamW update after the loss and the enqueue; returns (new state, step metrics).
+
+    ``finite`` is :func:`step_is_finite` of this step. A step whose loss or any gradient is not
+    finite leaves the parameters and the optimiser moments as they were, the stages' enqueue
+    writes nothing (``keep=finite``), and the metrics say ``nonfinite = 1`` (the trainer then
+    stops or skips, ``train.on_nonfinite``). The momentum copies take their EMA step towards the
+    unchanged parameters as in any step: finite, as both sides are. So no checkpoint can ever hold
+    the NaNs of a diverged update.
+    """
 
     def update():
         # Inside the branch, so that the AdamW update writes its results in place (computed
         # outside, the taken branch copies every updated array: measured 6 % of a tiny step).
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        return {"params": optax.apply_updates(params, updates), "momentum": momentum,
-                "opt_state": opt_state, "queues": queues}
+        return optax.apply_updates(params, updates), opt_state
 
-    kept = {k: state[k] for k in ("params", "momentum", "opt_state", "queues")}
     # A conditional, not an elementwise select per leaf: XLA would copy the whole chain of
     # per-leaf checks into every fused select (over 100,000 ops, most of the step's compile time).
-    new_state = jax.lax.cond(finite, update, lambda: kept)
-    new_state["step"] = state["step"] + 1
+    # The momentum copies and the queues stay out of it: passed through a conditional, the
+    # updated and the previous copies would both have to live until it ran (0.84 GB more at the
+    # reference size) and one of them be copied.
+    new_params, opt_state = jax.lax.cond(finite, update,
+                                         lambda: (state["params"], state["opt_state"]))
+    new_state = {"params": new_params, "momentum": momentum, "opt_state": opt_state,
+                 "queues": queues, "step": state["step"] + 1}
     out = dict(metrics, temp=params["temp"], alpha=alpha, grad_norm=optax.tree.norm(grads),
                nonfinite=1.0 - finite.astype(jnp.float32))
     if schedule is not None:

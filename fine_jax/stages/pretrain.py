@@ -152,9 +152,10 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         momentum = ema_update(state["momentum"], params, m)
         grads, metrics, (g_v_m, g_t_m) = parallel.grads(
             loss_fn, groups, params, momentum, state["queues"], batch, rng, alpha, queue_on)
+        finite = common.step_is_finite(metrics["loss"], grads)
         # Enqueue after the loss: the loss above saw the pre-step queue.
-        queues = enqueue(state["queues"], g_v_m, g_t_m, batch["idx"])
+        queues = enqueue(state["queues"], g_v_m, g_t_m, batch["idx"], keep=finite)
         return common.finish_step(state, params, momentum, queues, grads, optimizer, metrics,
-                                  alpha, schedule)
+                                  alpha, schedule, finite)
 
     return train_step

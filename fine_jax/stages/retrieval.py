@@ -90,8 +90,9 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         grads, metrics, (g_v_m, g_t_m) = parallel.grads(
             loss_fn, groups, params, momentum, state["queues"], batch, rng, alpha)
         idx = batch["idx"] if "idx" in state["queues"] else None
-        queues = enqueue(state["queues"], g_v_m, g_t_m, idx)
+        finite = common.step_is_finite(metrics["loss"], grads)
+        queues = enqueue(state["queues"], g_v_m, g_t_m, idx, keep=finite)
         return common.finish_step(state, params, momentum, queues, grads, optimizer, metrics,
-                                  alpha, schedule)
+                                  alpha, schedule, finite)
 
     return train_step

@@ -99,11 +99,12 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         grads, metrics, (image_keys, f_m) = parallel.grads(
             loss_fn, groups, params, momentum, state["queues"], batch, rng, alpha)
         q = state["queues"]
-        image, image_ptr = enqueue_rows(q["image"], q["image_ptr"], image_keys)
-        fusion, fusion_ptr = enqueue_rows(q["fusion"], q["fusion_ptr"], f_m)
+        finite = common.step_is_finite(metrics["loss"], grads)
+        image, image_ptr = enqueue_rows(q["image"], q["image_ptr"], image_keys, keep=finite)
+        fusion, fusion_ptr = enqueue_rows(q["fusion"], q["fusion_ptr"], f_m, keep=finite)
         queues = {"image": image, "image_ptr": image_ptr, "fusion": fusion,
                   "fusion_ptr": fusion_ptr}
         return common.finish_step(state, params, momentum, queues, grads, optimizer, metrics,
-                                  alpha, schedule)
+                                  alpha, schedule, finite)
 
     return train_step
