@@ -112,13 +112,15 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     compiled = step.lower(state, batch_arrays, rng).compile()
     compile_s = time.perf_counter() - t0
 
-    times = []
+    times, faults = [], 0
     for i in range(steps + 2):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch_arrays, jax.random.fold_in(rng, i))
         jax.block_until_ready(metrics)
         if i >= 2:  # the first runs include allocation and autotuning
             times.append(time.perf_counter() - t0)
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     med = statistics.median(times)
     mem, mem_kind = peak_memory_bytes()
     count = flops.step_flops(cfg).total
@@ -128,7 +130,8 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
                 pairs_per_s=batch / med,
                 gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
                 peak_source=peak_source, peak_gib=mem / 2**30, mem_kind=mem_kind,
-                loss=float(metrics["loss"]), allocator=allocator.active())
+                loss=float(metrics["loss"]), allocator=allocator.active(),
+                page_faults_per_step=faults / steps)
 
 
 def run_child(args: list[str], steps: int, allocator: str = "auto") -> dict:
@@ -170,7 +173,7 @@ def run_control(worktree: str, size: str, batch: int, steps: int) -> dict:
 
 HEADER = (f"{'code':<10} {'size':<9} {'stage':<9} {'batch':>5} {'dtype':<8} {'remat':<5} "
           f"{'attn':<5} {'scan':<4} {'alloc':<9} {'compile s':>9} {'step s':>8} {'pairs/s':>8} "
-          f"{'MFU %':>6} {'peak GiB':>8}")
+          f"{'MFU %':>6} {'peak GiB':>8} {'faults/step':>11}")
 
 
 def row(r: dict) -> str:
@@ -179,7 +182,8 @@ def row(r: dict) -> str:
             f"{'on' if r['remat'] else 'off':<5} {r['attention']:<5} "
             f"{'on' if r.get('scan') else 'off':<4} {r.get('allocator', '?').split()[0]:<9} "
             f"{r['compile_s']:>9.2f} "
-            f"{r['step_s']:>8.4f} {r['pairs_per_s']:>8.2f} {mfu} {r['peak_gib']:>8.2f}")
+            f"{r['step_s']:>8.4f} {r['pairs_per_s']:>8.2f} {mfu} {r['peak_gib']:>8.2f} "
+            f"{round(r['page_faults_per_step']) if 'page_faults_per_step' in r else '':>11}")
 
 
 def main():
