@@ -111,6 +111,8 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_arrays, rng).compile()
     compile_s = time.perf_counter() - t0
+    analysis = compiled.memory_analysis()  # XLA's buffers: None where the backend has no figures
+    temp_bytes = getattr(analysis, "temp_size_in_bytes", None)
 
     times, faults = [], 0
     for i in range(steps + 2):
@@ -131,7 +133,7 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
                 gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
                 peak_source=peak_source, peak_gib=mem / 2**30, mem_kind=mem_kind,
                 loss=float(metrics["loss"]), allocator=allocator.active(),
-                page_faults_per_step=faults / steps)
+                page_faults_per_step=faults / steps, temp_bytes=temp_bytes)
 
 
 def run_child(args: list[str], steps: int, allocator: str = "auto") -> dict:
