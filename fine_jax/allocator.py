@@ -22,7 +22,6 @@ tcmalloc or jemalloc, or already sets the hugetlb tunable, is left alone.
 """
 from __future__ import annotations
 
-import ctypes.util
 import os
 import platform
 import sys
@@ -43,16 +42,15 @@ class AllocatorError(ValueError):
 
 
 def find_tcmalloc() -> str | None:
-    """The path of an installed tcmalloc library, or None."""
-    for d in _LIB_DIRS:
+    """The path of an installed tcmalloc library, or None. Only files that exist count (the
+    linker cache can name a library that is gone, and a preload that fails to load is skipped)."""
+    prefixes = [os.environ.get("CONDA_PREFIX"), sys.prefix]
+    dirs = [os.path.join(p, "lib") for p in prefixes if p] + list(_LIB_DIRS)
+    for d in dirs:
         for name in _TCMALLOC_NAMES:
             path = os.path.join(d, name)
             if os.path.isfile(path):
                 return path
-    for lib in ("tcmalloc_minimal", "tcmalloc"):
-        name = ctypes.util.find_library(lib)
-        if name:
-            return name
     return None
 
 
