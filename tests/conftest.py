@@ -14,19 +14,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + _FAST_COMPILE
 
 
-def _use_the_commands_allocator():
-    """The xdist workers and the subprocesses the tests start run with the host allocator the
-    commands choose (fine_jax.allocator): this process has started already, they have not."""
-    from fine_jax import allocator
-
-    what, changes = allocator.plan(os.environ)
-    os.environ.update(changes)
-    os.environ.setdefault(allocator.ACTIVE_ENV, what)
-
-
-_use_the_commands_allocator()
-
-
 def pytest_configure(config):
     """A compilation cache shared by the tests of one run: many tests build the same tiny step,
     and compiling it is most of their time. Subprocesses the tests start inherit it."""
