@@ -89,9 +89,6 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     from fine_jax.optim import make_optimizer
     from fine_jax.stages.common import create_state
 
-    from fine_jax import xla_cpu
-    xla_cpu.unroll_threefry_on_cpu()  # as the trainer does on CPU (a no-op for other backends)
-
     cfg = size_config(size)
     cfg.stage = stage
     cfg.model.dtype = dtype
