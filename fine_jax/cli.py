@@ -27,12 +27,13 @@ def known_errors() -> dict:
 
 def run_main(fn: Callable[[], object]) -> None:
     """Runs ``fn`` with orbax's INFO logging off; a known error is one line on stderr, exit 2."""
+    from fine_jax import faults
+
+    faults.command_started()
     from absl import logging as absl_logging
 
     # orbax logs every checkpoint phase at INFO; keep the console to the progress lines.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    from fine_jax import faults
-
     errors = known_errors()
     try:
         fn()
@@ -43,6 +44,7 @@ def run_main(fn: Callable[[], object]) -> None:
         sys.exit(2)
     except faults.Interrupted:  # saved and stopping: the shutdown's noise must not follow
         faults.silence_teardown()
+        faults.leaving_after_stop()
         raise
     except KeyboardInterrupt:  # Ctrl-C where no handler of the job's own was installed
         print("interrupted (SIGINT)", file=sys.stderr)

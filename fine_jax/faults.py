@@ -126,6 +126,43 @@ class StopSignals:
         # A repeated SIGTERM (schedulers resend it) changes nothing: the stop is under way.
 
 
+_LEAVING_AFTER_STOP = False
+_IN_COMMAND = False  # set by command_started(): a command, which exits after its job
+
+
+def leaving_after_stop() -> None:
+    """Says that the command is exiting because of a stop signal (its save is done)."""
+    global _LEAVING_AFTER_STOP
+    _LEAVING_AFTER_STOP = True
+
+
+def _ignore_stop_signals_when_leaving() -> None:
+    if _LEAVING_AFTER_STOP:
+        for s in StopSignals.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def command_started() -> None:
+    """Called once when a command starts (``cli.run_main``), before the libraries it uses
+    register exit handlers.
+
+    It marks the process as a command: a job that ends with an error or a stop keeps other
+    threads' reports out of the console until the process exits (:func:`quiet_background_errors`).
+    And it keeps the exit status of a stopped job: the interpreter's own shutdown puts SIG_DFL back for every signal that has a Python handler,
+    after the exit handlers ran. A SIGINT in the last milliseconds of a stopped job's exit (Ctrl-C
+    held down) then killed the process by the signal (status -2) instead of letting it end with
+    128 + signum. Registered first, this handler runs last: from there on a job that is leaving
+    after a stop ignores further stop signals (the interpreter keeps SIG_IGN), while a second
+    SIGINT during the exit handlers and thread joins before it still aborts at once.
+    """
+    import atexit
+
+    global _IN_COMMAND
+    if not _IN_COMMAND:
+        _IN_COMMAND = True
+        atexit.register(_ignore_stop_signals_when_leaving)
+
+
 # ----------------------------------------------------------------------------------------------
 # Non-finite steps
 # ----------------------------------------------------------------------------------------------
@@ -344,14 +381,24 @@ def quiet_background_errors(log_path: pathlib.Path | None):
     threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
     old_stderr = sys.stderr
     sys.stderr = _MainThreadStderr(old_stderr, append)
-    try:
-        yield
-    finally:
+
+    def restore():
         if isinstance(sys.stderr, _MainThreadStderr):
             sys.stderr = old_stderr
         threading.excepthook, sys.unraisablehook = old_thread_hook, old_unraisable
         absl_logger.removeFilter(divert)
         handler.close()
+
+    try:
+        yield
+    except BaseException:
+        # A command that ends with an error or a stop prints its one line next and exits; orbax's
+        # threads can still report the failure they saw (a failed restore's closed event loop,
+        # say) in between, so there the diversion stays until the process ends.
+        if not _IN_COMMAND:
+            restore()
+        raise
+    restore()
 
 
 def silence_teardown() -> None:

@@ -234,6 +234,72 @@ def test_sigint_at_a_checkpoint_step_and_a_second_ctrl_c(reference, data_dir, tm
     assert complete_steps(twice / "checkpoints")[0] == 3
 
 
+LATE_SIGINT = """
+import os, signal
+from fine_jax import cli, faults
+
+class SigintAtTeardown:  # deleted with the module's globals, after the interpreter's signal reset
+    def __del__(self, kill=os.kill, pid=os.getpid(), sigint=signal.SIGINT):
+        kill(pid, sigint)  # bound at definition: os itself may be gone by then
+
+_late = SigintAtTeardown()  # an underscore name: cleared in the first pass over the globals
+
+def job():
+    stop = faults.StopSignals().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a stop request
+        raise faults.Interrupted(stop.signum)
+    finally:
+        stop.restore()
+
+cli.run_main(job)
+"""
+
+
+def test_a_sigint_in_the_last_moments_of_a_stopped_exit_keeps_its_status(tmp_path):
+    """Ctrl-C held down while a stopped job exits: a SIGINT after the interpreter has put the
+    default handlers back must not kill it by the signal (status -2); it ends with 130."""
+    script = tmp_path / "late_sigint.py"
+    script.write_text(LATE_SIGINT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 128 + signal.SIGINT, (out.returncode, out.stderr[-2000:])
+
+
+LATE_THREAD_REPORT = """
+import sys, threading
+from fine_jax import cli, faults
+from fine_jax.config import ConfigError
+
+def job():
+    try:
+        with faults.quiet_background_errors(sys.argv[1]):
+            raise ConfigError("the job's own error")
+    finally:  # the error has left the job's context; a library thread reports what it saw
+        def report():
+            sys.stderr.write("a background writer's late note\\n")
+            1 / 0
+        thread = threading.Thread(target=report)
+        thread.start()
+        thread.join()
+
+cli.run_main(job)
+"""
+
+
+def test_a_failing_command_keeps_late_thread_reports_off_the_console(tmp_path):
+    """A command that ends with its one error line: what other threads print after the error left
+    the job (orbax's threads after a failed restore) goes to the background log, not the console."""
+    script, log = tmp_path / "late_report.py", tmp_path / "background_errors.log"
+    script.write_text(LATE_THREAD_REPORT)
+    out = subprocess.run([sys.executable, str(script), str(log)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == ["config error: the job's own error"], out.stderr
+    text = log.read_text()
+    assert "ZeroDivisionError" in text and "late note" in text
+
+
 def test_sigkill_and_sigkill_during_a_save_restart_from_the_last_complete_checkpoint(
         reference, data_dir, tmp_path):
     workdir = tmp_path / "wd"
