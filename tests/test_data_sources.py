@@ -392,3 +392,42 @@ def test_sources_in_grain_worker_processes(form, request, absl_flags_parsed):
     got = sorted((int(x["row"]), int(x["pixel_sum"]), int(x["product_index"])) for x in ds)
     expected = [(i, int(src[i]["image"].sum()), src[i]["product_index"]) for i in range(len(src))]
     assert got == expected
+
+
+
+_MANY_FIRST_READS = """
+import pickle, sys, threading
+
+assert "tensorflow_datasets" not in sys.modules
+src = pickle.loads(sys.stdin.buffer.read())  # as a grain worker process receives it
+# Imported by the unpickling, in this thread, before any reader thread exists.
+print("IMPORTED", "tensorflow_datasets" in sys.modules)
+n = 12
+start, sums = threading.Barrier(n), [None] * n
+
+def read(i):
+    start.wait()  # every thread's first read at the same moment
+    sums[i] = int(src[i % len(src)]["image"].sum())
+
+threads = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(timeout=60)
+print("READ", sum(s is not None for s in sums), sums == [int(src[i % len(src)]["image"].sum())
+                                                      for i in range(n)])
+"""
+
+
+def test_many_threads_reading_a_fresh_worker_copy_at_once_do_not_deadlock(prepared):
+    """grain's prefetch threads in a worker process all read their first record at once. Their
+    concurrent first imports of tensorflow_datasets could deadlock and leave the worker (and the
+    training job) waiting forever; the unpickled source has imported it before they start."""
+    import pickle
+
+    src = datasets.resolve(_cfg(prepared)).eval
+    proc = subprocess.run([sys.executable, "-c", _MANY_FIRST_READS], input=pickle.dumps(src),
+                          capture_output=True, timeout=240)
+    out, err = proc.stdout.decode(), proc.stderr.decode()[-2000:]
+    assert proc.returncode == 0, err
+    assert "IMPORTED True" in out and "READ 12 True" in out, (out, err)

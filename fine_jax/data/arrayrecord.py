@@ -24,12 +24,15 @@ as PNG (``"png"``: lossless, smaller files, decoded on read with PIL). Both give
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import gzip
 import io
 import json
 import multiprocessing
 import os
 import shutil
+import sys
+import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -52,9 +55,30 @@ DESCRIPTION = ("FashionGen (256x256 release) in the layout of fine_jax: one reco
                "with all text fields and the product index; written by fine_jax.data.prepare.")
 
 
+# Held while tensorflow_datasets is first imported and while a process opens a split.
+_OPEN_LOCK = threading.RLock()
+
+
 def _tfds():
+    """tensorflow_datasets, imported once per process under a lock, with the garbage collector off.
+
+    Its import runs inside etils' lazy-import context, which replaces the import function of the
+    whole process until it ends: a second thread importing it at the same moment can deadlock
+    (grain's prefetch threads all read their first record at once), and any other import in that
+    window, such as a finaliser the collector runs, fails. The sources therefore import it when
+    they are created or unpickled, before a pipeline starts its threads (see
+    FashionGenArrayRecordSource)."""
     try:
-        import tensorflow_datasets as tfds
+        with _OPEN_LOCK:
+            if "tensorflow_datasets" not in sys.modules:
+                collecting = gc.isenabled()
+                gc.disable()
+                try:
+                    import tensorflow_datasets  # noqa: F401
+                finally:
+                    if collecting:
+                        gc.enable()
+            import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError("the ArrayRecord dataset needs tensorflow-datasets (no TensorFlow): "
                           "pip install tensorflow-datasets") from e
@@ -288,16 +312,17 @@ class FashionGenArrayRecordSource:
         self.subcategories: dict[str, list[int]] = index["subcategories"]
         self._columns: dict[str, list] | None = index["columns"]
         self._num_rows = num_records
-        self._ds = None
-        self._pid = None
+        self._opened = None  # (process id, tfds data source): opened lazily, once per process
+        _tfds()  # here, before any pipeline thread reads (see _tfds)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_ds=None, _pid=None, _columns=None)
+        state.update(_opened=None, _columns=None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        _tfds()  # a worker process unpickles the source before its prefetch threads read
 
     def __repr__(self) -> str:
         return (f"FashionGenArrayRecordSource({self.path!r}, {self.split!r}, rows={len(self)}, "
@@ -313,10 +338,14 @@ class FashionGenArrayRecordSource:
     @property
     def data_source(self):
         """The tfds ``ArrayRecordDataSource`` of this split (opened once per process)."""
-        if self._ds is None or self._pid != os.getpid():
-            self._ds = _tfds().builder_from_directory(self.path).as_data_source(self.split)
-            self._pid = os.getpid()
-        return self._ds
+        opened = self._opened
+        if opened is None or opened[0] != os.getpid():
+            with _OPEN_LOCK:  # one thread opens it; the others wait and use it
+                opened = self._opened
+                if opened is None or opened[0] != os.getpid():
+                    ds = _tfds().builder_from_directory(self.path).as_data_source(self.split)
+                    opened = self._opened = (os.getpid(), ds)
+        return opened[1]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = int(i)
