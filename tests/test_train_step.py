@@ -283,7 +283,9 @@ def test_warmup_for_the_whole_run_skips_the_momentum_forward_with_the_same_resul
         s_full, m_full = full(s_full, make_batch(c, seed=i), jax.random.PRNGKey(i))
         s_short, m_short = short(s_short, make_batch(c, seed=i), jax.random.PRNGKey(i))
         np.testing.assert_allclose(m_full["loss"], m_short["loss"], rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    # Two programs, two fusions: AdamW's first steps move a weight by about lr * sign(g), so fp32
+    # rounding on a gradient near zero can move it by a few percent of lr (1e-3) more or less.
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                            s_full, s_short)
 
 
