@@ -39,9 +39,10 @@ def pytest_configure(config):
 # The slowest files, slowest first (measured with --durations). pytest-xdist hands whole files to
 # its workers in collection order, so starting the long ones first keeps one worker from running a
 # long file alone at the end while the other idles.
-SLOWEST_FIRST = ("test_multiprocess.py", "test_parallel.py", "test_train_step.py",
-                 "test_speed_options.py", "test_resume.py", "test_train_job.py", "test_stages.py",
-                 "test_notebook.py", "test_convert.py", "test_flops.py", "test_data_pipeline.py")
+SLOWEST_FIRST = ("test_train_step.py", "test_train_job.py", "test_resume.py", "test_parallel.py",
+                 "test_speed_options.py", "test_stages.py", "test_convert.py",
+                 "test_multiprocess.py", "test_notebook.py", "test_flops.py",
+                 "test_data_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):
