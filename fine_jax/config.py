@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
         # instead of compiling them again. "" = off. Left as it is when JAX_COMPILATION_CACHE_DIR
         # (or jax.config) names one already, and off in multi-process jobs.
         compilation_cache="~/.cache/fine_jax/xla",
+        # A line on the log when the input pipeline has given no batch for this many seconds, and
+        # again every as many seconds while the wait goes on (a stuck data worker or file system
+        # would otherwise leave the job silent). 0 = off.
+        input_stall_warning_s=300.0,
     ))
 
     # How the job spreads over devices and processes (fine_jax.parallel). The mesh has axes

@@ -12,6 +12,8 @@
 * **The workdir.** :class:`WorkdirLock` keeps a second run out of a workdir in use
   (``WORKDIR/.lock``, ``fcntl.flock``); :func:`check_writable` refuses a workdir that cannot be
   written before any work is done.
+* **A stuck input pipeline.** :class:`InputWatchdog` says so on the log when no batch has come
+  for ``train.input_stall_warning_s`` seconds, and again while the wait goes on.
 * **Background errors.** :func:`quiet_background_errors` sends what orbax's and other background
   threads log about a failure (tracebacks) to a file in the workdir, so that the console shows the
   one line the main thread ends with.
@@ -440,3 +442,70 @@ def truncate_metrics(path: pathlib.Path, last_step: int) -> int:
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
     return dropped
+
+
+class InputWatchdog:
+    """Says on the log when the input pipeline has given the training loop no batch for
+    ``after_s`` seconds, and again every ``after_s`` seconds while the wait goes on.
+
+    A deadlocked data worker or a hung file system otherwise leaves a job silent forever. The
+    loop brackets each ``next()`` with :meth:`waiting` and :meth:`got`; a daemon thread compares
+    the clock. ``after_s <= 0`` turns it off (no thread).
+    """
+
+    def __init__(self, after_s: float, log, clock=None, poll_s: float | None = None):
+        import time
+
+        self.after_s = float(after_s)
+        self._log, self._clock = log, clock or time.monotonic
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._step = 0
+        self._warned = 0
+        self._stop = threading.Event()
+        self._thread = None
+        if self.after_s > 0:
+            poll = poll_s if poll_s is not None else min(10.0, self.after_s / 4)
+            self._thread = threading.Thread(target=self._watch, args=(poll,), daemon=True,
+                                            name="fine_jax-input-watchdog")
+            self._thread.start()
+
+    def waiting(self, step: int) -> None:
+        with self._lock:
+            self._since, self._step, self._warned = self._clock(), step, 0
+
+    def got(self) -> None:
+        with self._lock:
+            self._since = None
+
+    def check(self) -> str | None:
+        """The message due now, if any (the watching thread calls this; tests may too)."""
+        with self._lock:
+            if self._since is None:
+                return None
+            waited = self._clock() - self._since
+            if waited < self.after_s * (self._warned + 1):
+                return None
+            self._warned += 1
+            step = self._step
+        return (f"input pipeline: no batch for {waited:.0f}s (waiting for step {step}); a data "
+                "worker process or the file system under data.data_dir may be stuck. The job "
+                "goes on waiting: a second Ctrl-C stops it at once and a restart resumes from "
+                "the last complete checkpoint (train.input_stall_warning_s sets this warning)")
+
+    def _watch(self, poll: float) -> None:
+        while not self._stop.wait(poll):
+            message = self.check()
+            if message:
+                self._log(message)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "InputWatchdog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -422,6 +422,7 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
     results = None
     evaluated_at = None
     bad_records = 0  # unreadable records the pipeline replaced (this process, this run)
+    watchdog = faults.InputWatchdog(cfg.train.input_stall_warning_s, log)
     try:
         while True:
             signum = agreed_signal(step)
@@ -430,7 +431,9 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
             if step >= total_steps:
                 break
             t_wait = time.perf_counter()
+            watchdog.waiting(step)
             host_batch = next(data_iter)
+            watchdog.got()
             bad_records += int(np.sum(host_batch.pop(pipeline.BAD_KEY, 0)))
             batch = parallel.global_batch(host_batch, mesh)
             input_wait += time.perf_counter() - t_wait
@@ -465,6 +468,7 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
             elif step % cfg.train.checkpoint_every == 0 and step < total_steps:
                 save(step)
         save(step, force=True)
+        watchdog.close()
         ckpt.wait()
         log(f"trained {step - start} steps in {time.time() - t_start:.1f}s; checkpoint at step "
             f"{step} in {workdir / 'checkpoints'}")
@@ -476,6 +480,7 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
                 raise faults.Interrupted(signum)
             results = selection(model, state, mesh, step, step / spe)
     except BaseException:
+        watchdog.close()
         writer.close()
         try:  # wait for the write in flight; the error that ends the run is the one raised
             ckpt.close()

@@ -50,12 +50,33 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, ({0}, {0}))
 runpy.run_module("fine_jax.train", run_name="__main__", alter_sys=True)
 """
+# The job with an input pipeline that gives nothing for 2.5 s before its fourth batch (the
+# iterator's own class is patched: the checkpoint saves the pipeline's state through it).
+STALLED_PIPELINE = """
+import builtins, runpy, time
+import fine_jax.trainer
+
+def stalling_iter(x):
+    it = builtins.iter(x)
+    next_batch, calls = type(it).__next__, []
+    def stalled(self):
+        calls.append(1)
+        if len(calls) == 4:
+            time.sleep(2.5)
+        return next_batch(self)
+    type(it).__next__ = stalled
+    return it
+
+fine_jax.trainer.iter = stalling_iter
+runpy.run_module("fine_jax.train", run_name="__main__", alter_sys=True)
+"""
 
 
 class Job:
     """``python -m fine_jax.train`` on the tiny config in ``workdir``, stdout/stderr to files."""
 
-    def __init__(self, workdir, data_dir, max_file_size=None, quick_compile=False, **overrides):
+    def __init__(self, workdir, data_dir, max_file_size=None, quick_compile=False, script=None,
+                 **overrides):
         """``quick_compile``: XLA's CPU backend without optimisation, for a job whose program no
         other job compiles and whose numbers no other job must match (it compiles in half the
         time)."""
@@ -71,6 +92,8 @@ class Job:
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             launch = ["-m", "fine_jax.train"] if max_file_size is None else \
                 ["-c", FILE_SIZE_LIMIT.format(max_file_size)]
+            if script is not None:  # the job run by a script that changes one of its parts
+                launch = ["-c", script]
             self.proc = subprocess.Popen(
                 [sys.executable, *launch, "--config=configs/demo.py", f"--workdir={workdir}",
                  f"--config.data.data_dir={data_dir}",
@@ -561,3 +584,53 @@ def test_background_errors_go_to_the_log_file(tmp_path, capfd, caplog):
     text = log_file.read_text()
     assert "background save failed" in text and "ZeroDivisionError" in text
     assert logging.getLogger("absl").filters == []
+
+
+def test_input_watchdog_speaks_after_the_threshold_and_again_while_the_wait_goes_on():
+    now = [0.0]
+    watchdog = faults.InputWatchdog(300, log=lambda _: None, clock=lambda: now[0], poll_s=3600)
+    assert watchdog.check() is None  # not waiting
+    watchdog.waiting(7)
+    now[0] = 299.0
+    assert watchdog.check() is None
+    now[0] = 300.5
+    message = watchdog.check()
+    assert "no batch for 300s" in message and "step 7" in message
+    assert "train.input_stall_warning_s" in message
+    assert watchdog.check() is None  # once per threshold, not once per poll
+    now[0] = 610.0
+    assert "no batch for 610s" in watchdog.check()
+    watchdog.got()
+    now[0] = 5000.0
+    assert watchdog.check() is None  # the batch came
+    watchdog.waiting(8)  # the next wait counts from its own start
+    now[0] = 5299.0
+    assert watchdog.check() is None
+    watchdog.close()
+    assert faults.InputWatchdog(0, log=print)._thread is None  # 0 = off
+
+
+def test_input_watchdog_thread_logs_a_stalled_next_and_stops_when_closed():
+    lines = []
+    stalled = iter(lambda: time.sleep(0.8) or 1, None)  # a pipeline that takes 0.8 s per batch
+    with faults.InputWatchdog(0.25, log=lines.append, poll_s=0.02) as watchdog:
+        watchdog.waiting(3)
+        next(stalled)
+        watchdog.got()
+        seen = len(lines)
+        time.sleep(0.3)
+        assert len(lines) == seen  # nothing while no one waits
+    assert 2 <= seen <= 4, lines  # at about 0.25, 0.5 and 0.75 s
+    assert all("waiting for step 3" in line for line in lines)
+    assert not watchdog._thread.is_alive()
+
+
+def test_a_stalled_input_pipeline_is_reported_on_the_console_and_the_job_goes_on(data_dir,
+                                                                                 tmp_path):
+    job = Job(tmp_path / "stall", data_dir, script=STALLED_PIPELINE,
+              train__input_stall_warning_s=1.0)
+    assert job.finish() == 0, job.err[-3000:]
+    warnings = [line for line in job.out.splitlines() if line.startswith("input pipeline:")]
+    assert 1 <= len(warnings) <= 3, job.out[-3000:]  # at about 1 and 2 s of the 2.5 s wait
+    assert all("waiting for step 3" in line for line in warnings), warnings
+    assert len(rows(tmp_path / "stall")) == STEPS
