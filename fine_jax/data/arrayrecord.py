@@ -59,6 +59,14 @@ DESCRIPTION = ("FashionGen (256x256 release) in the layout of fine_jax: one reco
 _OPEN_LOCK = threading.RLock()
 
 
+def _new_lock_after_fork() -> None:  # a forked child must not inherit a lock another thread held
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def _tfds():
     """tensorflow_datasets, imported once per process under a lock, with the garbage collector off.
 
