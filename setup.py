@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Fashion-FINE fashion vision-language pre-training in JAX/Flax",
     packages=find_packages(include=["fine_jax", "fine_jax.*"]),
+    package_data={"fine_jax.assets": ["*.safetensors"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35",

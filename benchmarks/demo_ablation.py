@@ -1,6 +1,6 @@
 """The embedded demo's ablation: the stage-1 demo with each part of the method switched off in turn.
 
-    python benchmarks/demo_ablation.py --out=/tmp/fine_ablation            # every row, ~50 min
+    python benchmarks/demo_ablation.py --out=/tmp/fine_ablation            # every row, ~30 min
     python benchmarks/demo_ablation.py --out=/tmp/fine_ablation --rows=full,maa_off
 
 Each row is ``python -m fine_jax.train --config=configs/demo.py`` with the row's overrides (the

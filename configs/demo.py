@@ -7,11 +7,15 @@ local details, near-twin products that differ in one detail, FashionGen-style ca
 WordPiece vocab with the 9 symbol tokens at ids 1-9) is generated deterministically on first use
 into data.data_dir, in FashionGen's own HDF5 schema, and reused afterwards.
 
-The model is a small ViT + BERT trained from random weights, which the reference never does; the
-settings below that depart from the reference recipe for that reason, and what each one measured,
-are in the README ("The embedded demo"). Stages 2 and 3 continue from this run:
-configs/demo_retrieval.py and configs/demo_tgir.py.
+The ViT starts from fine_jax/assets/demo_vit.safetensors (``init.vit``), the demo's stand-in for
+the DeiT weights the reference's ViT starts from, pre-trained on the embedded set's training split
+by ``python -m fine_jax.vit_pretrain`` (fine_jax/assets/__init__.py has the command). The rest of
+the model is trained from random weights, which the reference never does; the settings below that
+depart from the reference recipe for that reason, and what each one measured, are in the README
+("The embedded demo"). Stages 2 and 3 continue from this run: configs/demo_retrieval.py and
+configs/demo_tgir.py.
 """
+from fine_jax.assets import DEMO_VIT
 from fine_jax.config import apply_size, base_config
 
 
@@ -34,22 +38,26 @@ def get_config(size=None):
     c.data.max_len = 44  # [CLS] [symbol] + prompt + the longest caption (36 word-pieces) + [SEP]
     c.model.vocab_size = 0  # 0: taken from the generated vocab
     c.loss.queue_size = 1024
-    # From-scratch warm-up for the first half of the run, then the reference objective.
+    # From-scratch warm-up for the first third of the run, then the reference objective.
     c.loss.scratch_warmup_steps = 150
     c.loss.scratch_warmup_maa_keys = True
     c.loss.scratch_warmup_random_negatives = True
     c.loss.temp_min = 0.05
     c.loss.w_itc = 4.0  # undoes the focal alpha of 0.25
     c.loss.w_sym = 0.1
-    c.init.vit_pretrain_steps = 650
-    c.init.vit_pretrain_label = "caption_words"  # the ViT must see the details captions name
+    c.init.vit = str(DEMO_VIT)
+    # How fine_jax.vit_pretrain made that file (and what an in-run warm-start,
+    # --config.init.vit_pretrain_steps=N, would run): which words a description has, so that
+    # the ViT sees the colours, patterns and details the captions name.
+    c.init.vit_pretrain_steps = 0
+    c.init.vit_pretrain_label = "caption_words"
     c.init.vit_pretrain_lr = 1e-3
     c.loss.itm_exclude_same_product = True
     c.model.hidden_dropout = 0.0
     c.model.attention_dropout = 0.0
 
     c.train.global_batch_size = 64
-    c.optim.epochs = 4
+    c.optim.epochs = 6
     c.optim.lr = 5e-4
     c.optim.warmup_lr = 5e-5
     c.optim.min_lr = 5e-5
@@ -60,4 +68,6 @@ def get_config(size=None):
     c.train.checkpoint_every = 100
     c.eval.batch_size = 128
     c.eval.every_epochs = 0  # evaluated once, at the end
+    if size and size != "demo":
+        c.init.vit = ""  # the shipped ViT is the demo size's
     return apply_size(c, size)

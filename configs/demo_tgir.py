@@ -17,6 +17,7 @@ def get_config(size=None):
     c.stage = "tgir"
     c.init.checkpoint = "/tmp/fine_demo"
     c.init.vit_pretrain_steps = 0
+    c.init.vit = ""  # the stage-1 checkpoint holds the ViT
     c.loss.scratch_warmup_steps = 0
     c.loss.scratch_warmup_maa_keys = False
     c.loss.scratch_warmup_random_negatives = False

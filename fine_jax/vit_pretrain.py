@@ -15,15 +15,26 @@ label ``init.vit_pretrain_label`` is one of
 Only the ViT is kept; the head is dropped, and the momentum ViT is set to a copy, as at any start.
 Only training rows are read.
 
-Off by default; configs/demo.py runs 650 steps of ``caption_words`` at a peak learning rate of
-1e-3. On the embedded demo the ViT then knows the silhouette, colours and patterns that the
-contrastive objective from random weights does not pick up (the README gives the measurements).
+Off by default. On its own it also runs as a command that writes the trained ViT as a timm-named
+``.safetensors`` file, which ``init.vit`` loads like DeiT's weights; that is how the embedded
+demo's ViT (``fine_jax/assets/demo_vit.safetensors``, what configs/demo.py starts from) is made:
+
+    python -m fine_jax.vit_pretrain --config=configs/demo.py \
+        --out=fine_jax/assets/demo_vit.safetensors --steps=6000 --redrawn=90000
+
+``--redrawn=N`` (embedded set only) adds N rendered products to the training rows: the training
+split's attribute bases with freshly drawn local details (``synthetic.redrawn_products``), so
+the details no longer follow from the rest of a product and the ViT has to see them. Nothing of a
+held-out product is rendered. The README ("The embedded demo") gives what it measured.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import pathlib
 import re
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -201,3 +212,167 @@ def pretrain_vit(cfg, model: FashionFINE, state: dict, train_source,
     new_momentum = {**state["momentum"],
                     "visual_encoder": jax.tree_util.tree_map(jnp.copy, vit)}
     return {**state, "params": new_params, "momentum": new_momentum}, history
+
+
+DEFAULT_REDRAWN = 90_000
+
+
+class RowSource:
+    """In-memory image rows (``image``, ``description``, ``subcategory``, ``category``), with the
+    per-row label columns :func:`class_table` reads."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[int(index)]
+
+    @property
+    def row_subcategory(self) -> list[str]:
+        return [r["subcategory"] for r in self.rows]
+
+    @property
+    def row_category(self) -> list[str]:
+        return [r["category"] for r in self.rows]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"description": [r["description"] for r in self.rows]}
+
+    def __repr__(self) -> str:
+        return f"RowSource({len(self.rows)} rows)"
+
+
+def pretraining_source(cfg, train_source, redrawn: int, seed: int,
+                       log: Callable[[str], None] = print):
+    """``train_source``, plus (``redrawn`` > 0, the embedded set only) that many rendered products
+    on the training split's bases with freshly drawn details, one random view each."""
+    if not redrawn:
+        return train_source
+    if cfg.data.source != "synthetic":
+        raise ConfigError(f"--redrawn={redrawn} renders new products of the embedded set, which "
+                          "needs data.source=synthetic; pass --redrawn=0 for other data")
+    from fine_jax.data import synthetic
+
+    d = cfg.data
+    products, _ = synthetic.make_products(d.synthetic_seed, d.synthetic_train_products,
+                                          d.synthetic_eval_products)
+    rows = []
+    for i in range(len(train_source)):
+        r = train_source[i]
+        rows.append({k: r[k] for k in ("image", "description", "subcategory", "category")})
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
+    t0 = time.time()
+    for k, p in enumerate(synthetic.redrawn_products(products, redrawn, seed)):
+        view = int(rng.integers(d.synthetic_views))
+        rows.append({"image": synthetic.render(p, view, d.synthetic_image_size, d.synthetic_seed),
+                     "description": p.description, "subcategory": p.subcategory,
+                     "category": p.category})
+        if (k + 1) % 10_000 == 0 or k + 1 == redrawn:
+            log(f"rendered {k + 1}/{redrawn} redrawn products ({time.time() - t0:.0f}s)")
+    return RowSource(rows)
+
+
+def write_vit_file(vit: Mapping, out, metadata: Mapping[str, Any], overwrite: bool = False):
+    """Writes the ViT parameters as a timm-named ``.safetensors`` file (what ``init.vit`` reads),
+    with ``metadata`` as JSON under the ``fine_jax`` key."""
+    from fine_jax.interop import io, towers
+
+    arrays = towers.vit_state_dict(jax.device_get(vit))
+    return io.write_safetensors(arrays, out, {"fine_jax": json.dumps(dict(metadata), sort_keys=True)},
+                                overwrite=overwrite)
+
+
+def read_vit_metadata(path) -> dict[str, Any]:
+    """The ``fine_jax`` metadata of a file :func:`write_vit_file` wrote ({} for other files)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["fine_jax"]) if "fine_jax" in meta else {}
+
+
+def pretrain_to_file(cfg, out, steps: int | None = None, redrawn: int = 0, seed: int = 0,
+                     overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Pre-trains a fresh ViT of ``cfg``'s model on ``cfg``'s training split (plus ``redrawn``
+    rendered products) for ``steps`` (default ``init.vit_pretrain_steps``) and writes it to
+    ``out``; returns the file's metadata."""
+    from fine_jax import config as config_lib
+    from fine_jax import stages
+
+    out = pathlib.Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out={out}: the ViT is written as a .safetensors file")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    if cfg.stage != "pretrain":
+        raise ConfigError("the ViT pre-training reads a stage-1 config (its training split and model)")
+    if redrawn < 0:
+        raise ConfigError(f"--redrawn={redrawn}: must be >= 0")
+    if redrawn and cfg.data.source != "synthetic":
+        raise ConfigError(f"--redrawn={redrawn} renders new products of the embedded set, which "
+                          "needs data.source=synthetic; pass --redrawn=0 for other data")
+    cfg = cfg.copy_and_resolve_references()
+    if steps is not None:
+        cfg.init.vit_pretrain_steps = int(steps)
+    if cfg.init.vit_pretrain_steps < 1:
+        raise ConfigError("no steps to train: pass --steps=N or set init.vit_pretrain_steps")
+    config_lib.validate(cfg)
+    data = stages.get(cfg.stage).training_data(cfg)
+    cfg.model.vocab_size = data.vocab_size
+    model_cfg = config_lib.model_config(cfg)
+    model = FashionFINE(model_cfg)
+    vit = vision_tower(model_cfg).init(jax.random.PRNGKey(cfg.train.seed),
+                                       jnp.zeros((1, cfg.model.image_size, cfg.model.image_size, 3),
+                                                 jnp.uint8))["params"]
+    source = pretraining_source(cfg, data.vit_source, redrawn, seed, log)
+    state = {"params": {"visual_encoder": vit}, "momentum": {}}
+    t0 = time.time()
+    state, history = pretrain_vit(cfg, model, state, source, log)
+    m = cfg.model
+    metadata = {
+        "format": "timm ViT state_dict", "label": cfg.init.vit_pretrain_label,
+        "steps": int(cfg.init.vit_pretrain_steps), "lr": float(cfg.init.vit_pretrain_lr),
+        "batch": int(cfg.train.global_batch_size), "redrawn": int(redrawn), "seed": int(seed),
+        "rows": len(source), "data_source": cfg.data.source, "seconds": round(time.time() - t0, 1),
+        "final": history[-1] if history else {},
+        "model": {k: m[k] for k in ("image_size", "patch_size", "vision_width", "vision_depth",
+                                    "vision_heads")},
+    }
+    path = write_vit_file(state["params"]["visual_encoder"], out, metadata, overwrite=overwrite)
+    log(f"wrote {path}; load it with --config.init.vit={path}")
+    return metadata
+
+
+def _main():
+    from absl import flags
+
+    f = flags.FLAGS
+    pretrain_to_file(f.config, f.out, steps=f.steps, redrawn=f.redrawn, seed=f.seed,
+                     overwrite=f.overwrite)
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    from fine_jax import cli
+
+    cli.define_config_flag()
+    flags.DEFINE_string("out", None, "The .safetensors file to write (timm names; init.vit reads it).")
+    flags.DEFINE_integer("steps", None, "Training steps (default: the config's "
+                         "init.vit_pretrain_steps).")
+    flags.DEFINE_integer("redrawn", 0, "Rendered products with freshly drawn details added to the "
+                         "training rows (embedded set only; the demo ViT used "
+                         f"{DEFAULT_REDRAWN}).")
+    flags.DEFINE_integer("seed", 0, "Seed of the redrawn products and their views.")
+    flags.DEFINE_boolean("overwrite", False, "Replace --out if it exists.")
+    flags.mark_flags_as_required(["config", "out"])
+
+
+if __name__ == "__main__":
+    from fine_jax import cli as _cli
+
+    define_flags()
+    _cli.main(_main)

@@ -39,7 +39,7 @@ TINY = {
     "model.num_layers": 2, "model.fusion_layer": 1, "model.patch_size": 16,
     "train.global_batch_size": 8, "loss.queue_size": 32, "train.max_steps": STEPS,
     "train.log_every": 1, "train.checkpoint_every": 3, "train.keep_checkpoints": 10,
-    "init.vit_pretrain_steps": 0, "eval.every_epochs": 0, "eval.at_end": False,
+    "init.vit_pretrain_steps": 0, "init.vit": "", "eval.every_epochs": 0, "eval.at_end": False,
 }
 _counter = itertools.count()
 # The job under a file-size limit: writes past it fail with EFBIG, as writes to a full disk fail

@@ -40,6 +40,7 @@ def tiny(config_file, data_dir, max_steps, **train):
     c.loss.queue_size = 32
     c.train.max_steps = max_steps
     c.init.vit_pretrain_steps = 2 if c.stage == "pretrain" else 0
+    c.init.vit = ""  # the demo's shipped ViT does not fit the tiny model
     c.train.log_every = 1
     c.train.checkpoint_every = 2
     c.eval.batch_size = 16

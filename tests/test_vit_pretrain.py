@@ -1,15 +1,22 @@
-"""The supervised ViT warm-start (fine_jax.vit_pretrain): labels, learning, what it replaces."""
+"""The supervised ViT warm-start (fine_jax.vit_pretrain): labels, learning, what it replaces, and
+the ViT file it writes (the demo's shipped ViT)."""
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from fine_jax import config as config_lib
 from fine_jax import vit_pretrain
 from fine_jax.models.fine import FashionFINE, ModelConfig
 from fine_jax.momentum import init_queues
-from fine_jax.stages.common import create_state
+from fine_jax.stages.common import create_state, init_params
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 class BarsSource:
@@ -191,3 +198,130 @@ def test_no_symbol_token_with_the_symbol_loss_is_a_config_error():
         config_lib.validate(c)
     c.loss.w_sym = 0.0
     config_lib.validate(c)
+
+
+def test_redrawn_products_stay_on_training_bases_and_off_held_out_products():
+    from fine_jax.data import synthetic
+
+    products, _ = synthetic.make_products(0, 40, 20)
+    new = synthetic.redrawn_products(products, 300, seed=3)
+    assert len(new) == 300
+    train_bases = {(p.subcategory, p.colour, p.pattern) for p in products if p.split == "train"}
+    held_out = {p.signature for p in products if p.split == "validation"}
+    assert {(p.subcategory, p.colour, p.pattern) for p in new} <= train_bases
+    assert not {p.signature for p in new} & held_out
+    assert len({p.group for p in new}) == 300  # each its own view jitter
+    # The details are drawn anew: far more detail sets than the training split has.
+    train_sigs = {p.signature for p in products if p.split == "train"}
+    assert len({p.signature for p in new} - train_sigs) > 100
+    assert [p.signature for p in synthetic.redrawn_products(products, 300, seed=3)] == \
+        [p.signature for p in new]
+    assert [p.signature for p in synthetic.redrawn_products(products, 300, seed=4)] != \
+        [p.signature for p in new]
+
+
+def test_vit_state_dict_round_trips_through_init_vit():
+    from fine_jax.interop import towers
+
+    cfg = tiny_config(1)
+    _, state = fresh_state(cfg)
+    params = jax.device_get(state["params"])
+    state_dict = towers.vit_state_dict(params["visual_encoder"])
+    assert "patch_embed.proj.weight" in state_dict and "blocks.0.attn.qkv.weight" in state_dict
+    assert state_dict["patch_embed.proj.weight"].shape == (32, 3, 8, 8)  # timm's layout
+    arrays, report = towers.vit_tower(state_dict, params)
+    assert not report.unused and not report.missing
+    flat = traverse_util.flatten_dict({"params": params})
+    for path, value in arrays.items():
+        np.testing.assert_array_equal(value, flat[path])
+    assert {p for p in flat if p[1] == "visual_encoder"} == set(arrays)
+
+
+def _synthetic_config(data_dir, steps=3):
+    c = config_lib.load_config_file(CONFIGS / "demo.py")
+    c.data.data_dir = str(data_dir)
+    c.data.synthetic_train_products, c.data.synthetic_eval_products = 40, 20
+    c.data.synthetic_views = 2
+    c.model.update(dict(vision_width=32, vision_depth=1, vision_heads=2, patch_size=16,
+                        hidden_size=32, intermediate_size=64, num_heads=2, embed_dim=32,
+                        num_layers=2, fusion_layer=1))
+    c.train.global_batch_size = 8
+    c.train.log_every = 1
+    c.data.num_threads = 1
+    c.init.vit = ""
+    return c
+
+
+def test_pretrain_to_file_writes_a_vit_that_init_vit_loads(tmp_path):
+    from fine_jax.interop import initialize
+
+    cfg = _synthetic_config(tmp_path / "data")
+    out = tmp_path / "vit.safetensors"
+    lines = []
+    meta = vit_pretrain.pretrain_to_file(cfg, out, steps=3, redrawn=24, seed=1, log=lines.append)
+    assert any("rendered 24/24 redrawn products" in l for l in lines)
+    assert meta["rows"] == 40 * 2 + 24 and meta["steps"] == 3 and meta["redrawn"] == 24
+    assert vit_pretrain.read_vit_metadata(out) == json_round_trip(meta)
+
+    cfg.init.vit = str(out)
+    cfg.model.vocab_size = 64
+    model, state = fresh_state(cfg)
+    before = jax.device_get(state["params"]["visual_encoder"])
+    loaded = initialize.initialise(cfg, jax.device_get(state), log=lambda m: None)
+    vit = loaded["params"]["visual_encoder"]
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, vit)
+    assert all(jax.tree_util.tree_leaves(changed)), "the trained ViT replaces the random one"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["momentum"]["visual_encoder"], vit)
+
+    with pytest.raises(config_lib.ConfigError, match="exists; pass --overwrite"):
+        vit_pretrain.pretrain_to_file(cfg, out, steps=1)
+    cfg.data.source = "fashiongen"
+    with pytest.raises(config_lib.ConfigError, match="needs data.source=synthetic"):
+        vit_pretrain.pretrain_to_file(cfg, tmp_path / "other.safetensors", steps=1, redrawn=5)
+    with pytest.raises(config_lib.ConfigError, match="a .safetensors file"):
+        vit_pretrain.pretrain_to_file(cfg, tmp_path / "vit.pth", steps=1)
+
+
+def json_round_trip(obj):
+    return json.loads(json.dumps(obj))
+
+
+def test_a_vit_file_that_does_not_fit_names_the_fix(tmp_path):
+    from fine_jax.interop import initialize
+
+    cfg = tiny_config(0)
+    model, state = fresh_state(cfg)
+    other = tiny_config(0)
+    other.model.patch_size = 16  # another patch embedding, fewer positions
+    _, other_state = fresh_state(other)
+    path = vit_pretrain.write_vit_file(other_state["params"]["visual_encoder"],
+                                       tmp_path / "wide.safetensors", {"steps": 0})
+    cfg.init.vit = str(path)
+    with pytest.raises(config_lib.ConfigError, match="--config.init.vit= with nothing after"):
+        initialize.initialise(cfg, jax.device_get(state), log=lambda m: None)
+    cfg.init.vit = str(tmp_path / "missing.safetensors")
+    with pytest.raises(config_lib.ConfigError, match="no such file or folder"):
+        initialize.initialise(cfg, jax.device_get(state), log=lambda m: None)
+
+
+def test_the_demo_vit_fits_the_demo_model():
+    """The shipped ViT: in the package, made as fine_jax/assets says, loadable into the demo's
+    model, and the file configs/demo.py starts from."""
+    from fine_jax.assets import DEMO_VIT
+    from fine_jax.interop import io, towers
+
+    cfg = config_lib.load_config_file(CONFIGS / "demo.py")
+    assert cfg.init.vit == str(DEMO_VIT) and DEMO_VIT.is_file()
+    meta = vit_pretrain.read_vit_metadata(DEMO_VIT)
+    assert (meta["steps"], meta["redrawn"], meta["label"]) == (6000, 90000, "caption_words")
+    assert meta["model"] == {k: cfg.model[k] for k in meta["model"]}
+    cfg.model.vocab_size = 64
+    model = FashionFINE(config_lib.model_config(cfg))
+    params = jax.eval_shape(lambda r: init_params(model, r), jax.random.PRNGKey(0))
+    arrays, report = towers.vit_tower(io.read_weights(DEMO_VIT), params)
+    assert not report.unused and not report.missing
+    vit_leaves = [p for p in traverse_util.flatten_dict({"params": params}) if p[1] == "visual_encoder"]
+    assert set(arrays) == set(vit_leaves)  # every ViT array comes from the file
+    assert not [name for name in report.filled if "visual_encoder" in name]
+    # A size other than the demo's does not inherit it.
+    assert config_lib.load_config_file(CONFIGS / "demo.py", "tiny").init.vit == ""

@@ -96,10 +96,15 @@ def from_checkpoint(cfg, state: dict, log=print) -> dict:
     return state
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
 def _read_tower_file(spec: str, allow_download: bool) -> dict:
     """A local file or folder; a Hugging Face hub id only when downloads are allowed."""
     if pathlib.Path(spec).expanduser().exists():
         return io.read_weights(spec)
+    if spec.startswith(("/", ".", "~")) or pathlib.Path(spec).suffix in _WEIGHT_SUFFIXES:
+        raise ConfigError(f"{spec}: no such file or folder")
     if not allow_download:
         raise ConfigError(f"{spec} is not a local file or folder; to fetch it from the Hugging Face "
                           "hub, set --config.init.allow_download=True")
@@ -119,7 +124,11 @@ def from_towers(cfg, state: dict, log=print) -> dict:
         try:
             arrays, report = load(_read_tower_file(spec, cfg.init.allow_download), host)
         except (ConversionError, io.WeightsFileError) as e:
-            raise ConfigError(f"{spec}: {e}") from None
+            hint = ""
+            if isinstance(e, ConversionError) and load is towers.vit_tower:
+                hint = ("\n(to train the ViT from random weights instead, pass --config.init.vit= "
+                        "with nothing after the =)")
+            raise ConfigError(f"{spec}: {e}{hint}") from None
         params.update(arrays)
         log(f"initialised from {spec}:")
         for line in report.lines():

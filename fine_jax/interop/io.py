@@ -133,3 +133,24 @@ def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None,
+                      overwrite: bool = False) -> pathlib.Path:
+    """Writes ``arrays`` (and string ``metadata``) as a ``.safetensors`` file, through a temporary
+    file beside ``path`` renamed into place, so a failure never leaves a half-written file."""
+    from safetensors.numpy import save_file
+
+    path = pathlib.Path(path).expanduser().absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(tmp),
+                  metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -17,9 +17,11 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
+import numpy as np
+
 from flax import traverse_util
 
-from fine_jax.interop.keymap import param_entries, uncovered
+from fine_jax.interop.keymap import get_path, param_entries, uncovered
 from fine_jax.interop.reference import (ConversionError, ConversionReport, convert_entries,
                                         first_lines)
 
@@ -92,3 +94,13 @@ def vit_tower(state_dict: Mapping, params: Mapping) -> tuple[dict, ConversionRep
     depth = sum(1 for name in params["visual_encoder"] if name.startswith("blocks_"))
     return _load_tower(dict(state_dict), params, "visual_encoder", "vit", _VIT_IGNORED, _VIT_BLOCK,
                        depth)
+
+
+def vit_state_dict(vit: Mapping) -> dict:
+    """fine_jax ViT parameters (``params["visual_encoder"]``) -> a timm-named state_dict that
+    :func:`vit_tower` reads back into the same arrays (float32, timm's layouts)."""
+    tree = {"params": {"visual_encoder": vit}}
+    prefix = "visual_encoder."
+    return {e.key[len(prefix):]: np.asarray(e.transform.to_reference(
+                np.asarray(get_path(tree, e.path), np.float32)), order="C")
+            for e in param_entries(tree["params"])}

@@ -13,7 +13,7 @@ from fine_jax.data.synthetic.captions import (LEXICON, SPECIAL_TOKENS, SYMBOL_TO
 from fine_jax.data.synthetic.catalogue import (BRANDS, CATEGORY_SYMBOLS, COLOURS, DEFAULT_NUM_TRAIN,
                                                DEFAULT_NUM_VALIDATION, PATTERNS, SEASONS, SECOND_COLOURS,
                                                SUBCATEGORIES, SUBCATEGORY_BY_NAME, Product, Subcategory,
-                                               make_products)
+                                               make_products, redrawn_products)
 from fine_jax.data.synthetic.rendering import DEFAULT_IMAGE_SIZE, DEFAULT_VIEWS, geometry, render
 from fine_jax.data.synthetic.storage import (CATEGORY_SIGN_FILE, GENERATOR, GENERATOR_VERSION, LEXICON_FILE,
                                              MANIFEST_FILE, PRODUCTS_FILE, SPLIT_FILES, TRAIN_FILE, TWINS_FILE,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -381,3 +381,32 @@ def make_products(seed: int, num_train: int = DEFAULT_NUM_TRAIN, num_validation:
             products.append(Product(product_id=int(pid_of[int(i)]), **items[int(i)]))
         twins[split] = [(int(pid_of[a]), int(pid_of[b]), what) for a, b, what in pair_idx[split]]
     return products, twins
+
+
+def redrawn_products(products: Sequence[Product], num: int, seed: int, split: str = "train",
+                     first_group: int = 1_000_000) -> list[Product]:
+    """``num`` new products on the attribute bases of ``split``'s products, each with freshly drawn
+    local details: a product of ``split`` picked at random, its details drawn anew.
+
+    Every product of the other splits keeps its signature out (a redrawn product is never one of
+    them), and the bases are ``split``'s own, which the catalogue keeps apart from the other
+    splits', so nothing of a held-out product is seen. Each product gets its own twin-group
+    number from ``first_group`` on, so that its views are jittered apart from every other's.
+    Deterministic in ``seed``. Used for the demo ViT's pre-training (``fine_jax.vit_pretrain``):
+    the details no longer follow from the base, and the ViT has to see them.
+    """
+    if num < 0:
+        raise ValueError(f"num must be >= 0, got {num}")
+    own = [p for p in products if p.split == split]
+    if not own:
+        raise ValueError(f"no products in the {split!r} split")
+    held_out = {p.signature for p in products if p.split != split}
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    out: list[Product] = []
+    while len(out) < num:
+        base = own[int(rng.integers(len(own)))]
+        product = dataclasses.replace(base, details=sample_details(rng, base.spec),
+                                      group=first_group + len(out))
+        if product.signature not in held_out:
+            out.append(product)
+    return out
