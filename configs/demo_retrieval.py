@@ -29,7 +29,7 @@ def get_config(size=None):
     c.optim.update(dict(lr=1e-4, warmup_lr=1e-5, min_lr=1e-5, warmup_units=1, warmup_unit_iters=10,
                         epochs=6))
     c.eval.every_epochs = 2
-    # Each twin group in one batch, so that the contrastive loss has to tell twins apart (the
-    # reference shuffles plainly; measured in the README, "What the demos reach").
+    # As in stage 1: each twin group in one batch, so that the contrastive loss has to tell twins
+    # apart (the reference shuffles plainly; measured in the README, "What the demos reach").
     c.data.batch_groups = "twins"
     return apply_size(c, size)

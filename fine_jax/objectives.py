@@ -65,7 +65,7 @@ class LossConfig:
     # During that warm-up, draw the ITM negatives uniformly from the batch instead of by
     # similarity. A random fusion encoder cannot tell a hard negative (by then the ITC ranks the
     # batch well) from the positive, so the ITM loss never leaves its chance value; uniform
-    # negatives differ in category or colour and start the fusion learning.
+    # negatives differ in category or colour, which a fusion encoder learns to reject first.
     scratch_warmup_random_negatives: bool = False
     # Run the MLM head (its 30,522-word decoder is most of a small model's step) only on the
     # positions that carry an MLM target: they are gathered into a static buffer of
