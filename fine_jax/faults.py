@@ -343,6 +343,14 @@ class _MainThreadStderr:
 _LOG_PATH: pathlib.Path | None = None  # the background log of the latest job, for silence_teardown
 
 
+class _BestEffortFileHandler(logging.FileHandler):
+    """The background log is best effort: when the disk is full (the very fault it may be
+    recording) a failed write is dropped, not reported on the console as a logging error."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def quiet_background_errors(log_path: pathlib.Path | None):
     """While active, orbax's error logs, uncaught exceptions of other threads, "exception
@@ -352,7 +360,7 @@ def quiet_background_errors(log_path: pathlib.Path | None):
     global _LOG_PATH
     _LOG_PATH = log_path
     if log_path is not None:
-        handler: logging.Handler = logging.FileHandler(log_path, delay=True)
+        handler: logging.Handler = _BestEffortFileHandler(log_path, delay=True)
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(threadName)s %(pathname)s:%(lineno)d] %(message)s"))
     else:
