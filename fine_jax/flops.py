@@ -183,6 +183,10 @@ def step_flops(cfg, batch: int | None = None) -> Tally:
             heads.add("mlm", rows, h, m.vocab_size, _w(True))
             heads.add("rtp", b * length, h, h, _w(True))
             heads.add("rtp", b * length, h, m.replace_kind_num, _w(True))
+            # The decoders' bias gradients, a row of ones times the output gradient
+            # (models.layers.add_bias): one product each, in the backward pass.
+            heads.add("mlm_bias_grad", 1, rows, m.vocab_size, NO_GRAD)
+            heads.add("rtp_bias_grad", 1, b * length, m.replace_kind_num, NO_GRAD)
         t.merge(heads, "heads/")
         contrastive(t, b, b + q, e, grad_sims=2, no_grad_sims=2)
     elif cfg.stage == "tgir":

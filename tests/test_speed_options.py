@@ -172,3 +172,24 @@ def test_gathered_mlm_gives_the_full_step(base):
 def test_unknown_attention_kind_is_a_clear_error():
     with pytest.raises(config_lib.ConfigError, match="model.attention"):
         config_lib.validate(_cfg(attention="flash"), num_devices=1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_wide_dense_is_torch_dense_with_a_product_for_the_bias_gradient(dtype):
+    from fine_jax.models.layers import WideDense, torch_dense
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 16))
+    plain, wide = torch_dense(300, 16, dtype=dtype), WideDense(300, 16, dtype=dtype)
+    params = plain.init(jax.random.PRNGKey(1), x)
+    chex.assert_trees_all_equal(params, wide.init(jax.random.PRNGKey(1), x))  # same init
+
+    def loss(module, p):
+        return jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))
+
+    chex.assert_trees_all_equal(plain.apply(params, x), wide.apply(params, x))
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    g_plain = jax.grad(lambda p: loss(plain, p))(params)
+    g_wide = jax.grad(lambda p: loss(wide, p))(params)
+    chex.assert_trees_all_close(g_wide, g_plain, rtol=tol, atol=tol)
+    # the bias gradient is the column sum of the output gradient, here 21 rows
+    assert float(jnp.abs(g_wide["params"]["bias"]).max()) > 0.1

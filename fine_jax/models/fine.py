@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from fine_jax.models.adapter import AttentionPool, PhraseModule, l2_normalize, mix_global_local
 from fine_jax.models.bert import XBert
-from fine_jax.models.layers import ATTENTION_KINDS, gelu, torch_dense
+from fine_jax.models.layers import ATTENTION_KINDS, WideDense, gelu, torch_dense
 from fine_jax.models.vit import VisionTransformer
 
 # The six modules with momentum (EMA) copies, method_spec §1.6. Nothing else has one.
@@ -154,7 +154,7 @@ class PredictionHead(nn.Module):
     def __call__(self, x):
         x = gelu(torch_dense(self.hidden, self.hidden, "dense", self.dtype)(x))
         x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm")(x)
-        return torch_dense(self.out, self.hidden, "decoder", self.dtype)(x)
+        return WideDense(self.out, self.hidden, self.dtype, name="decoder")(x)
 
 
 def vision_tower(c: ModelConfig) -> VisionTransformer:
