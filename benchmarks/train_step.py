@@ -23,9 +23,9 @@ device's peak (a table for TPUs and GPUs, a measured matmul on CPU).
 Each measurement runs with the host allocator the commands choose (``fine_jax.allocator``:
 tcmalloc when installed, else glibc with huge pages); ``--allocator=system,auto`` measures both.
 ``--control=COMMIT`` measures that commit's own ``benchmarks/train_step.py`` (stage 1, fp32) in a
-temporary git worktree, alternating with this tree ``--pairs`` times per size and batch, and prints
-the speed ratio of each pair: machines drift from one minute to the next, the ratio within a pair
-much less.
+temporary git worktree, alternating with this tree (stage 1, each of ``--dtypes``) ``--pairs``
+times per size and batch, and prints the speed ratio of each pair: machines drift from one minute
+to the next, the ratio within a pair much less.
 """
 from __future__ import annotations
 
@@ -233,12 +233,15 @@ def main():
                 if worktree:
                     for _ in range(args.pairs):
                         c = run_control(worktree, size, b, args.steps)
-                        t = run_child([size, "pretrain", str(b), "float32", "off", "xla", "off"],
-                                      args.steps)
                         print(row(c), flush=True)
-                        print(row(t) + f"   x{t['pairs_per_s'] / c['pairs_per_s']:.2f} "
-                              f"pairs/s, x{t['peak_gib'] / c['peak_gib']:.2f} memory", flush=True)
-                        results += [c, t]
+                        results.append(c)
+                        for dtype in args.dtypes.split(","):
+                            t = run_child([size, "pretrain", str(b), dtype, "off", "xla", "off"],
+                                          args.steps)
+                            print(row(t) + f"   x{t['pairs_per_s'] / c['pairs_per_s']:.2f} "
+                                  f"pairs/s, x{t['peak_gib'] / c['peak_gib']:.2f} memory",
+                                  flush=True)
+                            results.append(t)
                     continue
                 for stage in args.stages.split(","):
                     for dtype in args.dtypes.split(","):

@@ -193,3 +193,78 @@ def test_wide_dense_is_torch_dense_with_a_product_for_the_bias_gradient(dtype):
     chex.assert_trees_all_close(g_wide, g_plain, rtol=tol, atol=tol)
     # the bias gradient is the column sum of the output gradient, here 21 rows
     assert float(jnp.abs(g_wide["params"]["bias"]).max()) > 0.1
+
+
+def _bf16(key, shape):
+    return jax.random.normal(jax.random.PRNGKey(key), shape).astype(jnp.bfloat16)
+
+
+def _assert_rounded(got, want_f32):
+    """``got`` (bf16 or f32) is ``want_f32`` up to bf16 rounding and float32 summation order."""
+    got = np.asarray(jnp.asarray(got, jnp.float32))
+    want = np.asarray(want_f32, np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+# Odd sizes on purpose: a product XLA's CPU backend routes away from YNNPACK would fail at run time
+# (Eigen has no bf16 x bf16 -> f32 dot), so every form the products emit is compiled and run here.
+@pytest.mark.parametrize("x_shape,n", [((1, 5), 3), ((3, 7, 16), 300), ((2, 44, 64), 64),
+                                       ((37, 768), 24)])
+def test_bf16_matmul_is_the_float32_product_rounded(x_shape, n):
+    from fine_jax.models.layers import bf16_matmul
+
+    x, w = _bf16(0, x_shape), _bf16(1, (x_shape[-1], n))
+    g = jax.random.normal(jax.random.PRNGKey(2), x_shape[:-1] + (n,))
+    xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
+
+    def loss(f, a, b):
+        return jnp.sum(f(a, b).astype(jnp.float32) * g)
+
+    y = jax.jit(bf16_matmul)(x, w)
+    assert y.dtype == jnp.bfloat16 and y.shape == x_shape[:-1] + (n,)
+    _assert_rounded(y, xf @ wf)
+    dx, dw = jax.jit(jax.grad(lambda a, b: loss(bf16_matmul, a, b), argnums=(0, 1)))(x, w)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    rx, rw = jax.grad(lambda a, b: loss(jnp.matmul, a, b), argnums=(0, 1))(xf, wf)
+    _assert_rounded(dx, rx)
+    _assert_rounded(dw, rw)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 8), (1, 12, 44, 17, 32)])
+def test_bf16_batched_products_are_the_float32_products(shape):
+    from fine_jax.models.layers import bf16_bmm, bf16_bmm_nt
+
+    b, h, m, n, k = shape
+    q, kk, v = _bf16(0, (b, h, m, k)), _bf16(1, (b, h, n, k)), _bf16(2, (b, h, n, k))
+    f32 = lambda t: t.astype(jnp.float32)
+
+    def attend(nt, nn_, q, kk, v):
+        probs = jax.nn.softmax(nt(q, kk), axis=-1)
+        return jnp.sum(jnp.sin(nn_(probs.astype(v.dtype), v).astype(jnp.float32)))
+
+    def ref_nt(a, c):
+        return jnp.einsum("bhmk,bhnk->bhmn", f32(a), f32(c))
+
+    def ref_nn(a, c):
+        return jnp.einsum("bhmn,bhnk->bhmk", f32(a), f32(c))
+
+    logits = jax.jit(bf16_bmm_nt)(q, kk)
+    assert logits.dtype == jnp.float32  # float32 logits for the softmax
+    _assert_rounded(logits, ref_nt(q, kk))
+    _assert_rounded(jax.jit(bf16_bmm)(q, v.transpose(0, 1, 3, 2)), ref_nn(q, v.transpose(0, 1, 3, 2)))
+    got = jax.jit(jax.grad(lambda *a: attend(bf16_bmm_nt, bf16_bmm, *a), argnums=(0, 1, 2)))(q, kk, v)
+    want = jax.grad(lambda *a: attend(ref_nt, ref_nn, *a), argnums=(0, 1, 2))(
+        f32(q), f32(kk), f32(v))
+    for a, r in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        _assert_rounded(a, r)
+
+
+def test_dense_dot_general_leaves_float32_alone():
+    from fine_jax.models.layers import dense_dot_general
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 16))
+    w = jax.random.normal(jax.random.PRNGKey(1), (16, 5))
+    dims = (((2,), (0,)), ((), ()))
+    chex.assert_trees_all_equal(jax.jit(dense_dot_general, static_argnums=2)(x, w, dims),
+                                jax.jit(jax.lax.dot_general, static_argnums=2)(x, w, dims))

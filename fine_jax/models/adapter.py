@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fine_jax.models.layers import torch_default_bias, torch_default_kernel, trunc_normal
+from fine_jax.models.layers import dense, torch_default_bias, torch_default_kernel, trunc_normal
 
 Dtype = Any
 
@@ -40,8 +40,8 @@ class AttentionPool(nn.Module):
         Returns (pooled (B, D), weights (B, T)).
         """
         w = self.param("W_v", trunc_normal(0.02), (self.width, 1))
-        h = nn.Dense(self.width, kernel_init=trunc_normal(0.02), bias_init=nn.initializers.zeros,
-                     dtype=self.dtype, name="att_layer_v")(tokens)
+        h = dense(self.width, kernel_init=trunc_normal(0.02), bias_init=nn.initializers.zeros,
+                  dtype=self.dtype, name="att_layer_v")(tokens)
         scores = (jnp.tanh(h) @ w.astype(h.dtype))[..., 0].astype(jnp.float32)
         if valid is not None:
             scores = jnp.where(valid > 0, scores, -jnp.inf)

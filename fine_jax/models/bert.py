@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fine_jax.models.layers import (MASK_BIAS, attention_bias, dot_product_attention, gelu,
+from fine_jax.models.layers import (MASK_BIAS, attention_bias, dense, dot_product_attention, gelu,
                                     merge_heads, normal, scan_layers, split_heads)
 
 Dtype = Any
@@ -30,11 +30,11 @@ class BertSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv, bias, deterministic: bool):
-        dense = lambda name: nn.Dense(self.hidden, kernel_init=normal(0.02),
-                                      bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
-        q = split_heads(dense("query")(x), self.heads)
-        k = split_heads(dense("key")(kv), self.heads)
-        v = split_heads(dense("value")(kv), self.heads)
+        linear = lambda name: dense(self.hidden, kernel_init=normal(0.02),
+                                    bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
+        q = split_heads(linear("query")(x), self.heads)
+        k = split_heads(linear("key")(kv), self.heads)
+        v = split_heads(linear("value")(kv), self.heads)
         out = dot_product_attention(q, k, v, bias, nn.Dropout(self.attn_dropout), deterministic,
                                     self.attention)
         return merge_heads(out)
@@ -50,8 +50,8 @@ class BertResidualOutput(nn.Module):
 
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
-        x = nn.Dense(self.hidden, kernel_init=normal(0.02), bias_init=nn.initializers.zeros,
-                     dtype=self.dtype, name="dense")(x)
+        x = dense(self.hidden, kernel_init=normal(0.02), bias_init=nn.initializers.zeros,
+                  dtype=self.dtype, name="dense")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm")(x + residual)
 
@@ -94,8 +94,8 @@ class BertLayer(nn.Module):
             if encoder is None:
                 raise ValueError("a fusion layer needs the image tokens (encoder states)")
             x = block("crossattention")(x, encoder, encoder_bias, deterministic)
-        h = nn.Dense(self.intermediate, kernel_init=normal(0.02), bias_init=nn.initializers.zeros,
-                     dtype=self.dtype, name="intermediate")(x)
+        h = dense(self.intermediate, kernel_init=normal(0.02), bias_init=nn.initializers.zeros,
+                  dtype=self.dtype, name="intermediate")(x)
         return BertResidualOutput(self.hidden, self.dropout, self.ln_eps, self.dtype, name="output")(
             gelu(h), x, deterministic)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fine_jax.data.image import CLIP_MEAN, CLIP_STD
-from fine_jax.models.layers import (dot_product_attention, gelu, merge_heads, scan_layers,
+from fine_jax.models.layers import (dense, dot_product_attention, gelu, merge_heads, scan_layers,
                                     split_heads, torch_default_bias, torch_default_kernel, trunc_normal)
 
 Dtype = Any
@@ -35,13 +35,13 @@ class ViTAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(n, kernel_init=trunc_normal(0.02),
-                                         bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
-        qkv = dense(3 * self.width, "qkv")(x)
+        linear = lambda n, name: dense(n, kernel_init=trunc_normal(0.02),
+                                       bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
+        qkv = linear(3 * self.width, "qkv")(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         out = dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads),
                                     split_heads(v, self.heads), None, None, True, self.attention)
-        return dense(self.width, "proj")(merge_heads(out))
+        return linear(self.width, "proj")(merge_heads(out))
 
 
 class ViTMlp(nn.Module):
@@ -51,9 +51,9 @@ class ViTMlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(n, kernel_init=trunc_normal(0.02),
-                                         bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
-        return dense(self.width, "fc2")(gelu(dense(self.hidden, "fc1")(x)))
+        linear = lambda n, name: dense(n, kernel_init=trunc_normal(0.02),
+                                       bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
+        return linear(self.width, "fc2")(gelu(linear(self.hidden, "fc1")(x)))
 
 
 class ViTBlock(nn.Module):
