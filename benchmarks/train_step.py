@@ -111,6 +111,7 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_arrays, rng).compile()
     compile_s = time.perf_counter() - t0
+    allocator.release_free_memory()  # as the trainer does once its step is compiled
     analysis = compiled.memory_analysis()  # XLA's buffers: None where the backend has no figures
     temp_bytes = getattr(analysis, "temp_size_in_bytes", None)
 

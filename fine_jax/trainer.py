@@ -423,6 +423,7 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
     evaluated_at = None
     bad_records = 0  # unreadable records the pipeline replaced (this process, this run)
     watchdog = faults.InputWatchdog(cfg.train.input_stall_warning_s, log)
+    compiled = None
     try:
         while True:
             signum = agreed_signal(step)
@@ -437,7 +438,16 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
             bad_records += int(np.sum(host_batch.pop(pipeline.BAD_KEY, 0)))
             batch = parallel.global_batch(host_batch, mesh)
             input_wait += time.perf_counter() - t_wait
-            state, metrics = jstep(state, batch, jax.random.fold_in(base_rng, step))
+            rng = jax.random.fold_in(base_rng, step)
+            if compiled is None:
+                # Compiled ahead of the first call, so that the compiler's freed memory goes back
+                # to the system before the step's buffers are allocated (a lower peak).
+                compiled = jstep.lower(state, batch, rng).compile()
+                allocator.release_free_memory()
+            try:
+                state, metrics = compiled(state, batch, rng)
+            except TypeError:  # arguments of another shape or sharding than the compiled ones
+                state, metrics = jstep(state, batch, rng)
             step += 1
             unchecked.append((step, metrics))
             check_finite(step - 1)

@@ -74,3 +74,43 @@ def test_a_command_re_executes_itself_once_with_the_same_pid():
     assert out.split(";")[1:] == ["False", "", "system malloc"], out
     proc, out, err = probe(**{allocator.ENV: "bogus"})
     assert proc.returncode == 2 and err.startswith("config error: FINE_JAX_ALLOCATOR='bogus'")
+
+
+RELEASE_PROBE = """
+import ctypes
+from fine_jax import allocator
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def rss_mib():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+blocks = [libc.malloc(4096) for _ in range(100_000)]  # 400 MiB in small blocks, as a compiler
+for b in blocks:                                      # leaves them: kept by the allocator
+    libc.memset(b, 1, 4096)
+pin = libc.malloc(100_000)  # above them (from the top), in use: the heap cannot shrink
+for b in blocks:
+    libc.free(b)
+before = rss_mib()
+which = allocator.release_free_memory()
+print(which, round(before), round(rss_mib()), sep=';')
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.parametrize("preload", ["glibc", "tcmalloc"])
+def test_release_free_memory_returns_freed_heap_to_the_system(preload):
+    env = dict(CLEAN)
+    if preload == "tcmalloc":
+        lib = allocator.find_tcmalloc()
+        if lib is None:
+            pytest.skip("no tcmalloc installed")
+        env["LD_PRELOAD"] = lib
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    which, before, after = out.stdout.strip().splitlines()[-1].split(";")
+    assert which == ("MallocExtension_ReleaseFreeMemory" if preload == "tcmalloc"
+                     else "malloc_trim")
+    assert int(before) - int(after) > 300, (before, after)  # most of the 400 MiB went back

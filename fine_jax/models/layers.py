@@ -92,9 +92,14 @@ def _f32_dot(a: jax.Array, b: jax.Array, b_transposed: bool) -> jax.Array:
 
 @jax.custom_vjp
 def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x (..., K) @ w (K, N)`` for bf16 operands, accumulated in float32, rounded to bf16."""
+    """``x (..., K) @ w (K, N)`` for a bf16 ``x``, accumulated in float32, rounded to bf16.
+
+    ``w`` may be the float32 parameter itself: it is rounded to bf16 here and again in the
+    backward pass, which then keeps the parameter, not a bf16 copy of every weight, and returns
+    its gradient in float32."""
     x2 = x.reshape(-1, x.shape[-1])
-    return _f32_dot(x2, w, False).astype(x.dtype).reshape(x.shape[:-1] + (w.shape[1],))
+    y = _f32_dot(x2, w.astype(x.dtype), False)
+    return y.astype(x.dtype).reshape(x.shape[:-1] + (w.shape[1],))
 
 
 def _bf16_matmul_fwd(x, w):
@@ -105,7 +110,7 @@ def _bf16_matmul_bwd(res, g):
     x, w = res
     x2 = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, g.shape[-1]).astype(x.dtype)
-    dx = _f32_dot(g2, w, True).astype(x.dtype).reshape(x.shape)
+    dx = _f32_dot(g2, w.astype(x.dtype), True).astype(x.dtype).reshape(x.shape)
     dw = _f32_dot(_swap_last(x2), g2, False).astype(w.dtype)
     return dx, dw
 
@@ -160,16 +165,27 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     :func:`bf16_matmul`; every other call (float32, other dimension numbers) is unchanged."""
     (lc, rc), (lb, rb) = dimension_numbers
     dense_form = (tuple(lc), tuple(rc), tuple(lb), tuple(rb)) == ((lhs.ndim - 1,), (0,), (), ())
-    if (dense_form and lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and rhs.ndim == 2
-            and preferred_element_type is None):
+    if (dense_form and lhs.dtype == jnp.bfloat16 and rhs.ndim == 2
+            and rhs.dtype in (jnp.bfloat16, jnp.float32) and preferred_element_type is None):
         return bf16_matmul(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
 
 
+def promote_all_but_kernel(inputs, kernel, bias=None, dtype=None, inexact=True):
+    """``nn.Dense``'s dtype promotion, except that a bf16 layer leaves its float32 kernel to
+    :func:`bf16_matmul`, which rounds it where it is used (no bf16 copy of the weights kept for
+    the backward pass)."""
+    promoted = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=dtype, inexact=inexact)
+    if promoted[0].dtype == jnp.bfloat16 and kernel.dtype == jnp.float32:
+        promoted[1] = kernel
+    return promoted
+
+
 def dense(features: int, dtype: Dtype = jnp.float32, **kwargs) -> nn.Dense:
     """``nn.Dense`` whose bf16 product accumulates in float32 (:func:`dense_dot_general`)."""
-    return nn.Dense(features, dtype=dtype, dot_general=dense_dot_general, **kwargs)
+    return nn.Dense(features, dtype=dtype, dot_general=dense_dot_general,
+                    promote_dtype=promote_all_but_kernel, **kwargs)
 
 
 def torch_dense(features: int, fan_in: int, name: str | None = None, dtype: Dtype = jnp.float32,
@@ -215,7 +231,7 @@ class WideDense(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", torch_default_kernel(), (x.shape[-1], self.features))
         bias = self.param("bias", torch_default_bias(self.fan_in), (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = promote_all_but_kernel(x, kernel, bias, dtype=self.dtype)
         y = dense_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         return add_bias(y, bias)
 
