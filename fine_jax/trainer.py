@@ -446,7 +446,10 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
                 allocator.release_free_memory()
             try:
                 state, metrics = compiled(state, batch, rng)
-            except TypeError:  # arguments of another shape or sharding than the compiled ones
+            except (TypeError, ValueError) as e:  # another shape or sharding than compiled for
+                log(f"step {step}: the step's arguments differ from the compiled ones "
+                    f"({str(e).splitlines()[0][:160]}); compiling again")
+                compiled = jstep
                 state, metrics = jstep(state, batch, rng)
             step += 1
             unchecked.append((step, metrics))
