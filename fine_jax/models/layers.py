@@ -118,46 +118,35 @@ def _bf16_matmul_bwd(res, g):
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-@jax.custom_vjp
-def bf16_bmm_nt(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a (..., M, K) @ b (..., N, K).T`` for bf16 operands, in and out of float32 accumulation:
-    attention's query-key product, float32 logits."""
-    return _f32_dot(a, b, True)
+def _bf16_batched_product(b_transposed: bool, doc: str):
+    """``a (..., M, K) @ b`` for bf16 operands, ``b (..., N, K)`` transposed or ``(..., K, N)``,
+    accumulated and returned in float32; the backward pass keeps to YNNPACK's two forms."""
+
+    @jax.custom_vjp
+    def product(a, b):
+        return _f32_dot(a, b, b_transposed)
+
+    def fwd(a, b):
+        return product(a, b), (a, b)
+
+    def bwd(res, g):
+        a, b = res
+        g = g.astype(a.dtype)
+        if b_transposed:  # y = a b^T: da = g b, db = g^T a
+            da, db = _f32_dot(g, b, False), _f32_dot(_swap_last(g), a, False)
+        else:  # y = a b: da = g b^T, db = a^T g
+            da, db = _f32_dot(g, b, True), _f32_dot(_swap_last(a), g, False)
+        return da.astype(a.dtype), db.astype(b.dtype)
+
+    product.defvjp(fwd, bwd)
+    product.__doc__ = doc
+    return product
 
 
-def _bmm_nt_fwd(a, b):
-    return bf16_bmm_nt(a, b), (a, b)
-
-
-def _bmm_nt_bwd(res, g):
-    a, b = res
-    g = g.astype(a.dtype)
-    return (_f32_dot(g, b, False).astype(a.dtype),
-            _f32_dot(_swap_last(g), a, False).astype(b.dtype))
-
-
-bf16_bmm_nt.defvjp(_bmm_nt_fwd, _bmm_nt_bwd)
-
-
-@jax.custom_vjp
-def bf16_bmm(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a (..., M, K) @ b (..., K, N)`` for bf16 operands, float32 out: attention's
-    probability-value product."""
-    return _f32_dot(a, b, False)
-
-
-def _bmm_fwd(a, b):
-    return bf16_bmm(a, b), (a, b)
-
-
-def _bmm_bwd(res, g):
-    a, b = res
-    g = g.astype(a.dtype)
-    return (_f32_dot(g, b, True).astype(a.dtype),
-            _f32_dot(_swap_last(a), g, False).astype(b.dtype))
-
-
-bf16_bmm.defvjp(_bmm_fwd, _bmm_bwd)
+bf16_bmm_nt = _bf16_batched_product(
+    True, "``a (..., M, K) @ b (..., N, K).T``, float32 out: attention's query-key logits.")
+bf16_bmm = _bf16_batched_product(
+    False, "``a (..., M, K) @ b (..., K, N)``, float32 out: attention's probabilities x values.")
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
