@@ -120,6 +120,30 @@ def test_resume_continues_exactly(data_dir, tmp_path, capsys):
                                        err_msg=f"{key} at step {step} differs after resume")
 
 
+def test_a_batch_of_another_shape_than_compiled_is_compiled_again(data_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    # The trainer compiles its step ahead of the first call; a later batch of another shape (here
+    # one text position shorter at step 3) must not stop the run: it is logged and compiled again.
+    original, calls = trainer.parallel.global_batch, []
+
+    def shorter_third(host_batch, mesh):
+        calls.append(1)
+        if len(calls) == 3:
+            host_batch = {k: v[:, :-1] if np.ndim(v) == 2 and np.shape(v)[1] == 40 else v
+                          for k, v in host_batch.items()}
+        return original(host_batch, mesh)
+
+    monkeypatch.setattr(trainer.parallel, "global_batch", shorter_third)
+    c = _no_eval(tiny("demo.py", data_dir, 5))
+    c.init.vit_pretrain_steps = 0
+    trainer.run(c, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "step 2: the step's arguments differ from the compiled ones" in out
+    steps = read_metrics(tmp_path / "run")[0]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(r["loss"]) for r in steps.values())
+
+
 def _no_eval(c):
     c.eval.every_epochs = 0
     c.eval.at_end = False
