@@ -2,7 +2,7 @@
 steps of a stage with the same global batch and seed under several meshes and batch semantics and
 prints, as JSON, each run's losses and the largest parameter difference from a baseline.
 
-    python tests/mesh_equivalence.py STAGE
+    python tests/mesh_equivalence.py STAGE [full | bfloat16]
 """
 import json
 import os
@@ -29,13 +29,14 @@ from test_train_step import make_batch  # noqa: E402
 BG = 32
 
 
-def setup(stage_name):
+def setup(stage_name, dtype="float32"):
     # Smaller than the tiny size: the equivalence does not depend on depth, and compiling five
     # meshes' steps is most of this test's time.
     cfg = tiny_config(vocab_size=256, image_size=32, vision_depth=1, num_layers=2, fusion_layer=1,
                       intermediate_size=128, embed_dim=64)
     cfg.data.max_len = 16
     cfg.stage = stage_name
+    cfg.model.dtype = dtype
     cfg.train.global_batch_size = BG
     cfg.loss.queue_size = 4 * BG
     model = FashionFINE(config_lib.model_config(cfg))
@@ -56,8 +57,8 @@ def setup(stage_name):
     return cfg, model, loss_cfg, optimizer, stage, make_queues, batches
 
 
-def train(stage_name, groups, mesh=None, fsdp_min_size=256):
-    cfg, model, loss_cfg, optimizer, stage, make_queues, batches = setup(stage_name)
+def train(stage_name, groups, mesh=None, fsdp_min_size=256, dtype="float32"):
+    cfg, model, loss_cfg, optimizer, stage, make_queues, batches = setup(stage_name, dtype)
     step = stage.make_step(model, optimizer, loss_cfg, 10, groups=groups)
     init = lambda r: create_state(model, optimizer, r, make_queues)  # noqa: E731
     rng = jax.random.PRNGKey(0)
@@ -122,7 +123,7 @@ def max_diff(a, b):
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-def main(stage_name, full):
+def main(stage_name, full, dtype="float32"):
     assert jax.device_count() == 8, jax.devices()
     d8 = parallel.make_mesh(8, 1)
     d2f4 = parallel.make_mesh(2, 4)
@@ -136,7 +137,7 @@ def main(stage_name, full):
     results, times = {}, {}
     for name, (g, m) in runs.items():
         t0 = time.time()
-        results[name] = train(stage_name, g, m)
+        results[name] = train(stage_name, g, m, dtype=dtype)
         times[name] = round(time.time() - t0, 1)
     out["seconds"] = times
     base = {"per_group": results["sequential_8"], "global": results.get("global_1")}
@@ -152,4 +153,5 @@ def main(stage_name, full):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], full=len(sys.argv) > 2 and sys.argv[2] == "full")
+    option = sys.argv[2] if len(sys.argv) > 2 else ""
+    main(sys.argv[1], full=option == "full", dtype="bfloat16" if option == "bfloat16" else "float32")

@@ -92,7 +92,7 @@ def test_sequential_groups_on_one_device_equal_the_step_run_group_by_group():
     assert not np.allclose(whole["w"], g["w"])  # one group is another computation
 
 
-def run_equivalence(stage, full):
+def run_equivalence(stage, full, option=""):
     # The script runs from tests/; the repository root makes fine_jax importable uninstalled too.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -101,6 +101,7 @@ def run_equivalence(stage, full):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
                         " --xla_llvm_disable_expensive_passes=true")
     args = [sys.executable, str(HERE / "mesh_equivalence.py"), stage] + (["full"] if full else [])
+    args += [option] if option else []
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -132,6 +133,14 @@ def test_stage1_same_results_on_one_device_data8_and_data2_fsdp4():
     assert restore["fsdp_fraction_saved"] > 0.5
     assert restore["data8"] == {"bitwise_equal": True, "devices": 8}
     assert restore["one_device"] == {"bitwise_equal": True, "devices": 1}
+
+
+def test_bf16_products_same_results_on_one_device_and_data2_fsdp4():
+    """The bf16 products (float32 accumulation, weight gradients from operands transposed in
+    memory) under FSDP sharding: the same step as the unsharded one, to float32 rounding."""
+    out = run_equivalence("pretrain", full=False, option="bfloat16")
+    assert_same_losses(out["data2_fsdp4"]["losses"], out["sequential_8"]["losses"], rtol=1e-4)
+    assert out["data2_fsdp4"]["max_state_diff"] < 1e-4, out["data2_fsdp4"]["max_state_diff"]
 
 
 def test_stage3_same_results_on_one_device_and_data2_fsdp4():
