@@ -19,7 +19,7 @@ import ml_collections
 
 from fine_jax.models.fine import ModelConfig
 from fine_jax.objectives import LossConfig
-from fine_jax.optim import OptimConfig
+from fine_jax.optim import OptimConfig, parse_lr_scales
 
 
 class ConfigError(ValueError):
@@ -296,6 +296,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     _check_keys(config)
     model_config(config)
     loss_config(config)
+    try:
+        parse_lr_scales(config.optim.lr_scales)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     t, l, m, d, e = config.train, config.loss, config.model, config.data, config.eval
     bg = t.global_batch_size
     if bg < 2:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,11 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    # Learning-rate multipliers by parameter path: "PATTERN=SCALE[,PATTERN=SCALE...]", each
+    # PATTERN a regular expression searched in the parameter's path ("text_encoder/layer_2/...");
+    # the first that matches scales that parameter's AdamW update (its weight decay included).
+    # "" (the reference): one learning rate for every parameter.
+    lr_scales: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,49 @@ def weight_decay_mask(params):
     return jax.tree_util.tree_map(lambda p: jnp.ndim(p) != 1, params)
 
 
+def parse_lr_scales(text: str) -> list[tuple[re.Pattern, float]]:
+    """``optim.lr_scales`` as (compiled pattern, scale) pairs, with errors that name the fix."""
+    rules = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pattern, sep, scale = item.rpartition("=")
+        try:
+            if not sep or not pattern:
+                raise ValueError
+            rules.append((re.compile(pattern), float(scale)))
+        except (ValueError, re.error) as e:
+            raise ValueError(f"optim.lr_scales: {item!r} is not PATTERN=SCALE with PATTERN a regular "
+                             f"expression and SCALE a number ({e or 'no = or no pattern'}); e.g. "
+                             "'text_encoder/layer_[2-9]|itm_head=2.0'") from None
+    return rules
+
+
+def lr_scale_tree(params, text: str):
+    """Per-parameter learning-rate multipliers (1.0 where no pattern of ``text`` matches)."""
+    rules = parse_lr_scales(text)
+
+    def scale(path, _):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        return next((s for pattern, s in rules if pattern.search(name)), 1.0)
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_updates_by_path(text: str) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by its ``lr_scales`` multiplier (a no-op without rules)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        scales = lr_scale_tree(updates, text)
+        return jax.tree_util.tree_map(lambda u, s: u if s == 1.0 else u * jnp.asarray(s, u.dtype),
+                                      updates, scales), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg, steps_per_epoch: int) -> tuple[optax.GradientTransformation, callable]:
     """Returns (optimizer, schedule_fn) from the ``optim`` config block (or an OptimConfig)."""
     if not isinstance(cfg, OptimConfig):
@@ -87,4 +136,6 @@ def make_optimizer(cfg, steps_per_epoch: int) -> tuple[optax.GradientTransformat
 
     opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                       mask=weight_decay_mask)
+    if parse_lr_scales(cfg.lr_scales):
+        opt = optax.chain(opt, scale_updates_by_path(cfg.lr_scales))
     return opt, schedule

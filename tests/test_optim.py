@@ -82,3 +82,35 @@ def test_make_optimizer_decays_the_masked_params_at_the_scheduled_lr():
     new = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
     chex.assert_trees_all_equal_shapes_and_dtypes(new, params)
     chex.assert_trees_all_close(new, expected, rtol=1e-6)
+
+
+def test_lr_scales_multiply_the_matching_parameters_updates_only():
+    # The same gradients through the plain optimiser and through one with a 3x multiplier on the
+    # fusion layer and the ITM head: those updates are exactly 3 times, every other one the same.
+    params = {"text_encoder": {"layer_1": {"kernel": jnp.full((2, 3), 0.5)},
+                               "layer_2": {"kernel": jnp.full((2, 3), 0.5), "bias": jnp.zeros(3)}},
+              "itm_head": {"kernel": jnp.ones((3, 2))}, "temp": jnp.asarray(0.07)}
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.3), params)
+    plain, _ = make_optimizer(OptimConfig(lr=0.1, warmup_lr=0.1, min_lr=0.1), 10)
+    scaled, _ = make_optimizer(OptimConfig(lr=0.1, warmup_lr=0.1, min_lr=0.1,
+                                           lr_scales="text_encoder/layer_2|itm_head=3"), 10)
+    u_plain, _ = plain.update(grads, plain.init(params), params)
+    u_scaled, _ = scaled.update(grads, scaled.init(params), params)
+    expected = jax.tree_util.tree_map(lambda u: u, u_plain)
+    expected["text_encoder"]["layer_2"] = jax.tree_util.tree_map(
+        lambda u: 3 * u, u_plain["text_encoder"]["layer_2"])
+    expected["itm_head"]["kernel"] = 3 * u_plain["itm_head"]["kernel"]
+    chex.assert_trees_all_close(u_scaled, expected, rtol=1e-6)
+    assert float(jnp.abs(u_plain["itm_head"]["kernel"]).min()) > 0  # a real update was scaled
+
+
+def test_lr_scales_first_matching_pattern_wins():
+    params = {"a": {"b": jnp.ones(1)}, "c": jnp.ones(1)}
+    from fine_jax.optim import lr_scale_tree
+    assert lr_scale_tree(params, "a/b=2, a=5,c=0.5") == {"a": {"b": 2.0}, "c": 0.5}
+
+
+@pytest.mark.parametrize("text", ["layer_2", "=2", "layer_2=two", "layer_[=2"])
+def test_malformed_lr_scales_name_the_form(text):
+    with pytest.raises(ValueError, match="PATTERN=SCALE"):
+        make_optimizer(OptimConfig(lr_scales=text), 10)

@@ -254,6 +254,15 @@ def test_queue_not_divisible_by_global_batch_is_a_clear_error():
         config_lib.validate(c)
 
 
+def test_malformed_lr_scales_is_a_config_error():
+    c = config_lib.tiny_config()
+    c.optim.lr_scales = "itm_head"
+    with pytest.raises(config_lib.ConfigError, match="optim.lr_scales: 'itm_head' is not PATTERN=SCALE"):
+        config_lib.validate(c)
+    c.optim.lr_scales = "text_encoder/layer_[2-9]|itm_head=2.0"
+    config_lib.validate(c)
+
+
 def test_every_named_size_is_selectable_by_name():
     for name in config_lib.SIZES:
         for f in ("demo.py", "fashiongen.py", "fashiongen_retrieval.py", "fashioniq_tgir.py"):
