@@ -77,6 +77,16 @@ def peak_memory_bytes() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
+def resident_gib() -> tuple[float, float] | None:
+    """(resident set now, its peak so far) in GiB, from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return (int(fields["VmRSS"].split()[0]) / 2**20, int(fields["VmHWM"].split()[0]) / 2**20)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: bool,
               attention: str, scan: bool = False) -> dict:
     """One measurement in this process."""
@@ -89,6 +99,8 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     from fine_jax.optim import make_optimizer
     from fine_jax.stages.common import create_state
 
+    # The host memory at each phase of the measurement (CPU): where the process's peak comes from.
+    phases = {"imported": resident_gib()}
     cfg = size_config(size)
     cfg.stage = stage
     cfg.model.dtype = dtype
@@ -107,11 +119,15 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     step = jax.jit(st.make_step(model, optimizer, loss_cfg, 1000, schedule), donate_argnums=0)
     batch_arrays = jax.device_put(random_batch(cfg, batch))
     rng = jax.random.PRNGKey(1)
+    jax.block_until_ready(state)
+    phases["state"] = resident_gib()
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_arrays, rng).compile()
     compile_s = time.perf_counter() - t0
+    phases["compiled"] = resident_gib()
     allocator.release_free_memory()  # as the trainer does once its step is compiled
+    phases["released"] = resident_gib()
     analysis = compiled.memory_analysis()  # XLA's buffers: None where the backend has no figures
     temp_bytes = getattr(analysis, "temp_size_in_bytes", None)
 
@@ -125,6 +141,7 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
             times.append(time.perf_counter() - t0)
             faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     med = statistics.median(times)
+    phases["trained"] = resident_gib()
     mem, mem_kind = peak_memory_bytes()
     count = flops.step_flops(cfg).total
     peak, peak_source = flops.device_peak_flops(jax.devices()[0], dtype)
@@ -134,7 +151,8 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
                 gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
                 peak_source=peak_source, peak_gib=mem / 2**30, mem_kind=mem_kind,
                 loss=float(metrics["loss"]), allocator=allocator.active(),
-                page_faults_per_step=faults / steps, temp_bytes=temp_bytes)
+                page_faults_per_step=faults / steps, temp_bytes=temp_bytes,
+                resident_gib={k: v for k, v in phases.items() if v is not None})
 
 
 def run_child(args: list[str], steps: int, allocator: str = "auto") -> dict:
@@ -189,6 +207,15 @@ def row(r: dict) -> str:
             f"{round(r['page_faults_per_step']) if 'page_faults_per_step' in r else '':>11}")
 
 
+def phase_line(r: dict) -> str | None:
+    """The host memory phases of a measurement: resident GiB (its peak so far) after each."""
+    phases = r.get("resident_gib")
+    if not phases:
+        return None
+    return "  resident GiB (peak so far): " + ", ".join(
+        f"{name} {now:.2f} ({peak:.2f})" for name, (now, peak) in phases.items())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="tiny,reference")
@@ -203,6 +230,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--control", default="", help="a commit to measure beside this tree")
     ap.add_argument("--pairs", type=int, default=1, help="control/this-tree pairs per setting")
+    ap.add_argument("--phases", action="store_true",
+                    help="under each row of this tree, the process's resident memory after each "
+                         "phase (imports, state, compile, heap release, steps), from /proc")
     ap.add_argument("--json", default="", help="also write every measurement to this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
@@ -242,6 +272,8 @@ def main():
                             print(row(t) + f"   x{t['pairs_per_s'] / c['pairs_per_s']:.2f} "
                                   f"pairs/s, x{t['peak_gib'] / c['peak_gib']:.2f} memory",
                                   flush=True)
+                            if args.phases and phase_line(t):
+                                print(phase_line(t), flush=True)
                             results.append(t)
                     continue
                 for stage in args.stages.split(","):
@@ -253,6 +285,8 @@ def main():
                                         r = run_child([size, stage, str(b), dtype, remat,
                                                        attention, scan], args.steps, alloc)
                                         print(row(r), flush=True)
+                                        if args.phases and phase_line(r):
+                                            print(phase_line(r), flush=True)
                                         results.append(r)
     finally:
         if worktree:
