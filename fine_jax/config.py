@@ -411,7 +411,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
 
 # What a resumed run must share with the run that wrote the workdir: the keys that shape the train
 # state or the data order. Mesh sizes are not among them: a checkpoint restores onto any mesh.
-RESUME_KEYS = ("stage", "model.*", "train.global_batch_size", "train.seed", "loss.queue_size")
+# What a resumed run may not change without train.allow_config_change: the train state's shapes
+# and structure (the model, the queue, the optimiser's chain, which optim.lr_scales extends) and
+# the data order (batch, seed, twin groups).
+RESUME_KEYS = ("stage", "model.*", "train.global_batch_size", "train.seed", "loss.queue_size",
+               "data.batch_groups", "optim.lr_scales")
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -468,9 +468,11 @@ def test_resume_keys_are_the_state_and_data_order_ones():
     new.optim.lr = 1.0
     new.parallel.fsdp = 2  # a checkpoint restores onto any mesh
     new.parallel.data = 4
+    new.data.batch_groups = "twins"  # another data order
+    new.optim.lr_scales = "itm_head=2"  # another optimiser state
     changed = [k for k, _, _ in config_lib.resume_changes(json.loads(old.to_json_best_effort()),
                                                           new)]
-    assert changed == ["model.hidden_size", "train.seed"]
+    assert changed == ["data.batch_groups", "model.hidden_size", "optim.lr_scales", "train.seed"]
     for key, value, message in (("on_nonfinite", "ignore", "use stop or skip"),
                                 ("max_nonfinite_skips", -1, "must be >= 0")):
         bad = config_lib.tiny_config()
