@@ -59,8 +59,11 @@ def get_config(size=None):
     c.model.attention_dropout = 0.0
 
     c.train.global_batch_size = 64
-    c.optim.epochs = 6
+    c.optim.epochs = 8
     c.optim.lr = 5e-4
+    # The fusion layer and the ITM head learn at 8 times the rate: measured, every retrieval
+    # figure and the twin test gain 1.5-4.5 points (README, "What the demos reach").
+    c.optim.lr_scales = "text_encoder/layer_[2-9]|itm_head=8.0"
     c.optim.warmup_lr = 5e-5
     c.optim.min_lr = 5e-5
     c.optim.warmup_units = 5

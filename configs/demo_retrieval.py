@@ -21,14 +21,15 @@ def get_config(size=None):
     c.init.vit_pretrain_steps = 0
     c.init.vit = ""  # the stage-1 checkpoint holds the ViT
     c.loss.scratch_warmup_steps = 0
+    c.optim.lr_scales = ""  # one learning rate, as the reference
     c.loss.scratch_warmup_maa_keys = False
     c.loss.scratch_warmup_random_negatives = False
     c.eval.itm_rerank_k = 0
     c.loss.w_itc = 1.0
     c.loss.gamma_focal = 2.0
     c.optim.update(dict(lr=1e-4, warmup_lr=1e-5, min_lr=1e-5, warmup_units=1, warmup_unit_iters=10,
-                        epochs=6))
-    c.eval.every_epochs = 2
+                        epochs=18))
+    c.eval.every_epochs = 3
     # As in stage 1: each twin group in one batch, so that the contrastive loss has to tell twins
     # apart (the reference shuffles plainly; measured in the README, "What the demos reach").
     c.data.batch_groups = "twins"

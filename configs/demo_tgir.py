@@ -19,6 +19,7 @@ def get_config(size=None):
     c.init.vit_pretrain_steps = 0
     c.init.vit = ""  # the stage-1 checkpoint holds the ViT
     c.loss.scratch_warmup_steps = 0
+    c.optim.lr_scales = ""  # one learning rate, as the reference
     c.loss.scratch_warmup_maa_keys = False
     c.loss.scratch_warmup_random_negatives = False
     c.eval.itm_rerank_k = 0
