@@ -33,8 +33,9 @@ def get_config(size=None):
     c.data.stage1_symbol = True  # the symbol token at position 1, for the symbol loss ...
     c.model.symbol_one_way = True  # ... which the caption cannot read (see the README)
     c.data.stage1_attributes = False  # description-only text after it, as evaluation reads
-    # Each twin group's products in one batch: the contrastive loss has to tell twins apart.
-    c.data.batch_groups = "twins"
+    # One image of each product of a twin group in one batch: the contrastive loss has to tell
+    # twins apart, and a batch still holds as many products as images.
+    c.data.batch_groups = "twin_views"
 
     apply_size(c, "demo")
     c.data.max_len = 44  # [CLS] [symbol] + prompt + the longest caption (36 word-pieces) + [SEP]

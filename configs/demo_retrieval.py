@@ -28,7 +28,7 @@ def get_config(size=None):
     c.loss.w_itc = 1.0
     c.loss.gamma_focal = 2.0
     c.optim.update(dict(lr=1e-4, warmup_lr=1e-5, min_lr=1e-5, warmup_units=1, warmup_unit_iters=10,
-                        epochs=18))
+                        epochs=24))
     c.eval.every_epochs = 3
     # As in stage 1: each twin group in one batch, so that the contrastive loss has to tell twins
     # apart (the reference shuffles plainly; measured in the README, "What the demos reach").

@@ -93,7 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
         stage1_attributes=True,
         # "twins" (embedded set, stages 1 and 2): the products of each twin group, which differ
         # in one local detail, are shuffled as one block, so they share a batch and are each
-        # other's in-batch negatives. "" = the reference's plain shuffle.
+        # other's in-batch negatives; in stage 1, whose items are images, the block holds every
+        # image of those products. "twin_views": in stage 1 the block is the k-th image of each
+        # product of the group, so a product's other images spread over the epoch like any row
+        # (in stage 2, whose items are products, the same as "twins"). "" = the reference's
+        # plain shuffle.
         batch_groups="",
         # grain worker processes; 0 = threads in the main process; -1 = auto: one per core this
         # process may use (at most 16) on an accelerator, 0 when the CPU itself trains
@@ -366,10 +370,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={tuple(d.crop_scale)} must satisfy 0 < lo <= hi <= 1")
-    if d.batch_groups not in ("", "twins"):
-        raise ConfigError(f"data.batch_groups={d.batch_groups!r}: use '' (plain shuffle) or 'twins'")
+    if d.batch_groups not in ("", "twins", "twin_views"):
+        raise ConfigError(f"data.batch_groups={d.batch_groups!r}: use '' (plain shuffle), 'twins' "
+                          "or 'twin_views'")
     if d.batch_groups and (d.source != "synthetic" or config.stage == "tgir"):
-        raise ConfigError("data.batch_groups='twins' needs the embedded set's twin groups: "
+        raise ConfigError(f"data.batch_groups={d.batch_groups!r} needs the embedded set's twin groups: "
                           "data.source='synthetic' and stage pretrain or retrieval; set "
                           "--config.data.batch_groups=''")
     if l.itm_negatives not in ("hard", "random"):

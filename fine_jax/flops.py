@@ -178,6 +178,9 @@ def step_flops(cfg, batch: int | None = None) -> Tally:
         heads.add("itm", 3 * b, m.hidden_size, 2, _w(True))
         if cfg.stage == "pretrain":
             h = m.hidden_size
+            if cfg.loss.get("clean_itc_itm_text", False):  # MLM / RTP read the corrupted text
+                t.merge(bert_text(m, length, True), "text/", b)
+                t.merge(bert_fusion(m, length, True), "fusion/", b)
             rows = mlm_rows(cfg, b)
             heads.add("mlm", rows, h, h, _w(True))
             heads.add("mlm", rows, h, m.vocab_size, _w(True))

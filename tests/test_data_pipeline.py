@@ -146,7 +146,22 @@ def test_twin_batches_put_each_twin_group_in_one_batch(tmp_path):
 
     # A group straddles two batches only at a batch boundary; a plain shuffle rarely pairs them.
     assert twins_in_the_same_batch("twins") > 0.7
+    assert twins_in_the_same_batch("twin_views") > 0.7
     assert twins_in_the_same_batch("") < 0.4
+
+
+def test_stage1_row_groups_put_one_view_of_each_twin_together():
+    from fine_jax.stages.data import stage1_row_groups
+
+    views = [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9, 10], [11]]  # rows of products 0-4
+    products = [[0, 1, 2], [3, 4]]  # two twin groups
+    assert stage1_row_groups(products, views, "twins") == [[0, 1, 2, 3, 4, 5, 6, 7],
+                                                           [8, 9, 10, 11]]
+    groups = stage1_row_groups(products, views, "twin_views")
+    assert groups == [[0, 3, 6], [1, 4, 7], [2, 5], [8, 11], [9], [10]]
+    # Either way every row of a grouped product is in exactly one group.
+    flat = sorted(r for g in groups for r in g)
+    assert flat == list(range(12))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

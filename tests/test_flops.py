@@ -24,7 +24,7 @@ def _batch(cfg, b):
         return {"reference_image": img, "target_image": img, "input_ids": ids,
                 "attention_mask": mask}
     labels = np.where(rng.random((b, length)) < 0.15, ids, -100).astype(np.int32)
-    return {"image": np.zeros((b, s, s, 3), np.float32), "input_ids": ids,
+    return {"image": np.zeros((b, s, s, 3), np.float32), "input_ids": ids, "clean_ids": ids + 1,
             "attention_mask": mask, "mask_labels": labels,
             "replace_labels": np.zeros((b, length), np.int32), "idx": np.arange(b, dtype=np.int32)}
 
@@ -57,6 +57,7 @@ CASES = [
     ("pretrain", 8, dict(loss__mlm_gather=False), False),
     ("pretrain", 4, dict(model__fusion_layer=1, data__max_len=24, loss__queue_size=64,
                          model__patch_size=8), False),
+    ("pretrain", 4, dict(loss__clean_itc_itm_text=True), False),
     ("retrieval", 8, {}, True),
     ("retrieval", 6, dict(model__num_layers=3, loss__queue_size=96), False),
     ("tgir", 8, {}, True),

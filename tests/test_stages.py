@@ -152,6 +152,32 @@ def test_itm_pair_order_matters():
     assert abs(float(metrics["loss_itm"]) - wrong) > 1e-4
 
 
+def test_clean_text_fix_feeds_itc_and_itm_the_clean_text_and_mlm_the_corrupted():
+    """loss.clean_itc_itm_text (B5 fix): ITC, symbol and ITM are the reference step's on the clean
+    text; MLM and RTP are the reference step's on the corrupted text."""
+    cfg = stage_cfg("pretrain")
+    _, _, state, step = build(pretrain, cfg)
+    cfg_fix = stage_cfg("pretrain")
+    cfg_fix.loss.clean_itc_itm_text = True
+    _, _, _, step_fix = build(pretrain, cfg_fix)
+    batch = make_batch(cfg)
+    neg_image, neg_text = given_negatives(3)
+    batch = dict(batch, neg_image=neg_image, neg_text=neg_text)
+    clean = np.asarray(batch["input_ids"])
+    corrupted = np.where(np.asarray(batch["mask_labels"]) >= 0, 3, clean).astype(np.int32)
+    assert (clean != corrupted).any()
+    batch["input_ids"] = corrupted  # the labelled positions "masked" with id 3
+    key = jax.random.PRNGKey(0)
+    _, fixed = step_fix(state, dict(batch, clean_ids=clean), key)
+    _, on_clean = step(state, dict(batch, input_ids=clean), key)
+    _, on_corrupted = step(state, batch, key)
+    for k in ("loss_itc", "loss_sym", "loss_itm"):
+        np.testing.assert_allclose(fixed[k], on_clean[k], rtol=1e-5)
+        assert abs(float(fixed[k]) - float(on_corrupted[k])) > 1e-6
+    for k in ("loss_mlm", "loss_rtp"):
+        np.testing.assert_allclose(fixed[k], on_corrupted[k], rtol=1e-5)
+
+
 def test_deterministic_step_is_repeatable_and_draws_ignore_the_rng_when_negatives_are_given():
     cfg = stage_cfg("pretrain", hidden_dropout=0.1, attention_dropout=0.1)
     _, _, state, step = build(pretrain, cfg)

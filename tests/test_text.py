@@ -279,6 +279,25 @@ def test_stage1_fixed_and_scrambled_labels(small_tok):
     assert any(differs(s) for s in range(5))
 
 
+def test_stage1_clean_copy_restores_every_corrupted_position(small_tok):
+    tok = small_tok
+    n = 80  # long enough for a replaced token as well as masks
+    rec = make_record(n)
+    plain = stage1(tok, rec, seed=3, fix=True)
+    out = build_stage1_text(rec, tok, CATEGORY_SYMBOLS, Lexicon.empty(), np.random.default_rng(3),
+                            180, fix_mlm_labels=True, clean_copy=True)
+    # The corrupted text and its labels are those of the same draw without the copy.
+    for k in plain:
+        np.testing.assert_array_equal(out[k], plain[k])
+    ids, clean, ml = out["input_ids"], out["clean_ids"], out["mask_labels"]
+    targets = ml != -100
+    assert targets.sum() > 0 and out["replace_labels"].sum() == 1
+    np.testing.assert_array_equal(clean[targets], ml[targets])  # the original tokens
+    np.testing.assert_array_equal(clean[~targets], ids[~targets])
+    assert tok.mask_id not in clean.tolist()
+    assert "clean_ids" not in plain
+
+
 # The reference's own labelling rule (FashionSAP-style ``process_description`` followed by
 # ``get_text_train_labels``), transcribed statement by statement so that B2 is pinned to the
 # reference and not to fine_jax's reading of it: targets are collected in permutation order, but

@@ -103,6 +103,7 @@ class Stage1Transform:
     fix_mlm_labels: bool = False
     symbol: bool = True
     attributes: bool = True
+    clean_copy: bool = False
 
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         img = image_ops.train_transform(record["image"], rng, self.image_size,
@@ -111,7 +112,8 @@ class Stage1Transform:
                                         normalized=False)
         txt = text_ops.build_stage1_text(record, self.tokenizer, self.category_symbols, self.lexicon,
                                          rng, self.max_len, fix_mlm_labels=self.fix_mlm_labels,
-                                         symbol=self.symbol, attributes=self.attributes)
+                                         symbol=self.symbol, attributes=self.attributes,
+                                         clean_copy=self.clean_copy)
         return {"image": img, **txt, "idx": np.int32(record["product_index"]),
                 BAD_KEY: np.int32(record.get(BAD_KEY, 0))}
 

@@ -455,6 +455,7 @@ def build_stage1_text(
     fix_mlm_labels: bool = False,
     symbol: bool = True,
     attributes: bool = True,
+    clean_copy: bool = False,
 ) -> dict[str, np.ndarray]:
     """Stage-1 text of one image row (method_spec §6.3 steps 1-4, §4.4).
 
@@ -469,7 +470,8 @@ def build_stage1_text(
     their MLM targets); both are on in the reference. Evaluation texts hold neither, so a text tower
     trained from random weights can otherwise learn to read the category from them instead of from
     the description (README, "What the demo reaches today"). The category is still checked against
-    the symbol map.
+    the symbol map. ``clean_copy`` adds ``clean_ids``: the same sequence with every masked or
+    replaced position holding its original token (method_spec §10 B5 fix: ITC and ITM read it).
     """
     category = record["category"]
     try:
@@ -515,9 +517,15 @@ def build_stage1_text(
     input_ids, attention_mask = _pad(ids, max_len, tokenizer.pad_id)
     replace_labels = np.zeros((max_len,), dtype=np.int32)
     replace_labels[: len(replaced)] = replaced
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "mask_labels": mask_labels,
         "replace_labels": replace_labels,
     }
+    if clean_copy:
+        clean = input_ids.copy()
+        for p in target_pos:
+            clean[p] = own[p]
+        out["clean_ids"] = clean
+    return out

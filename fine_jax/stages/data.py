@@ -58,6 +58,23 @@ def twin_groups(cfg, data, source) -> list[list[int]] | None:
     return [sorted(g) for g in groups.values()]
 
 
+def stage1_row_groups(products: list[list[int]], views: list, kind: str) -> list[list[int]]:
+    """Stage 1 items are image rows; the groups of rows that share a batch.
+
+    ``twins``: every image of a twin group's products (each product's views together, so a batch
+    holds about a third as many products as rows). ``twin_views``: the k-th image of each of the
+    group's products together, one group per view, so that a product's twin shares its batch
+    while its other views are spread like any other row.
+    """
+    if kind == "twins":
+        return [[int(r) for p in g for r in views[p]] for g in products]
+    groups = []
+    for g in products:
+        for k in range(max(len(views[p]) for p in g)):
+            groups.append([int(views[p][k]) for p in g if k < len(views[p])])
+    return groups
+
+
 def pretrain_data(cfg) -> TrainingData:
     data = datasets.resolve(cfg, splits=("train",))
     d = cfg.data
@@ -65,12 +82,13 @@ def pretrain_data(cfg) -> TrainingData:
         tokenizer=data.tokenizer, category_symbols=data.category_symbols, lexicon=data.lexicon,
         image_size=cfg.model.image_size, max_len=d.max_len, crop_scale=tuple(d.crop_scale),
         hflip=d.hflip, randaug_n=d.randaug_n, randaug_m=d.randaug_m,
-        fix_mlm_labels=d.fix_mlm_labels, symbol=d.stage1_symbol, attributes=d.stage1_attributes)
+        fix_mlm_labels=d.fix_mlm_labels, symbol=d.stage1_symbol, attributes=d.stage1_attributes,
+        clean_copy=cfg.loss.clean_itc_itm_text)
     bg = cfg.train.global_batch_size
     products = twin_groups(cfg, data, data.train)
-    # Stage 1 items are image rows: a group is every image of its products.
-    rows = None if products is None else [
-        [int(r) for p in g for r in data.train.productid_list[p][1]] for g in products]
+    rows = None if products is None else stage1_row_groups(
+        products, [data.train.productid_list[p][1] for p in range(data.train.num_products)],
+        d.batch_groups)
 
     def stream(seed, process_index=0, process_count=1):
         return pipeline.train_dataset(data.train, transform, bg, seed=seed, num_epochs=None,

@@ -60,11 +60,15 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
 
     def loss_fn(params, momentum, queues, batch, rng, alpha, queue_on):
         images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        corrupted = ids
+        if c.clean_itc_itm_text:  # B5 fix: everything but MLM / RTP reads the clean text
+            ids = batch["clean_ids"]
         idx = batch["idx"]
         b = ids.shape[0]
         r_txt, r_txt_m, r_fuse, r_neg = jax.random.split(rng, 4)
+        r_mlm_txt, r_mlm_fuse = jax.random.split(r_txt)
         if deterministic:
-            r_txt = r_txt_m = r_fuse = None
+            r_txt = r_txt_m = r_fuse = r_mlm_txt = r_mlm_fuse = None
 
         # Online unimodal features (on the corrupted stage-1 text, as in the reference).
         img = apply(params, M.encode_image, images)
@@ -120,7 +124,13 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
             hard=c.itm_negatives == "hard" and (
                 queue_on if warmup and c.scratch_warmup_random_negatives else True))
 
-        # MLM and replaced-token prediction on the positive fusion.
+        # MLM and replaced-token prediction on the positive fusion (B5 fix: on a fusion pass of
+        # the corrupted text of its own).
+        if c.clean_itc_itm_text:
+            txt_c = apply(params, M.encode_text, corrupted, mask, deterministic=r_mlm_txt is None,
+                          rng=r_mlm_txt)
+            pos = apply(params, M.fuse, txt_c, mask, img, deterministic=r_mlm_fuse is None,
+                        rng=r_mlm_fuse)
         if c.mlm_gather:
             rows = obj.mlm_buffer_rows(b, ids.shape[1], c.mlm_max_fraction)
             loss_mlm = obj.gathered_mlm_loss(lambda x: apply(params, M.mlm_logits, x), pos,
