@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                 print(f"[{name}] the run ended without a final evaluation", file=sys.stderr)
                 return 1
         shown = " ".join(["python -m fine_jax.train --config=configs/demo.py",
-                          f"--workdir=/tmp/ablation/{name}", *overrides, *extra])
+                          f"--workdir={workdir}", *overrides, *extra])
         table.append((label, row_figures(run), shown))
     heads = list(table[0][1])
     print("\n| run | " + " | ".join(heads) + " |")

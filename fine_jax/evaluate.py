@@ -20,6 +20,18 @@ import pathlib
 from fine_jax import cli
 
 
+def default_out_name(cfg, step) -> str:
+    """``step_N`` (``weights`` for a weights checkpoint), with ``_tgir`` for a stage-3 evaluation
+    and ``_itm_rerankK`` for ITM re-ranking, so that evaluating one checkpoint in several ways
+    keeps every result."""
+    name = f"step_{step}" if step is not None else "weights"
+    if cfg.stage == "tgir":
+        name += "_tgir"
+    if cfg.stage != "tgir" and cfg.eval.get("itm_rerank_k", 0):
+        name += f"_itm_rerank{cfg.eval.itm_rerank_k}"
+    return name
+
+
 def evaluate(cfg, checkpoint, out=None, step="best", log=print) -> dict:
     """Scores ``checkpoint`` with ``cfg.stage``'s evaluator; returns the flat results."""
     import jax
@@ -56,8 +68,7 @@ def evaluate(cfg, checkpoint, out=None, step="best", log=print) -> dict:
     if out:
         out = pathlib.Path(out).expanduser().absolute()
     else:  # beside the checkpoint, never over a training run's own eval_results.json
-        out = path / "evaluation" / (f"step_{info['step']}" if info.get("step") is not None
-                                     else "weights")
+        out = path / "evaluation" / default_out_name(cfg, info.get("step"))
     out.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
     results = evaluator(model, params, mesh, out, log)
@@ -88,7 +99,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Same as --checkpoint (a training workdir).")
     flags.DEFINE_string("step", "best", "best, latest, or a step number (training workdirs).")
     flags.DEFINE_string("out", None, "Where to write eval_results.json (default: "
-                        "CHECKPOINT/evaluation/step_N, or .../weights for a weights checkpoint).")
+                        "CHECKPOINT/evaluation/step_N, or .../weights for a weights checkpoint; "
+                        "_tgir or _itm_rerankK added for those evaluations).")
     flags.mark_flags_as_required(["config"])
     flags.register_multi_flags_validator(
         ["checkpoint", "workdir"], lambda v: bool(v["checkpoint"] or v["workdir"]),

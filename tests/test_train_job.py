@@ -327,6 +327,16 @@ def test_evaluate_by_default_writes_beside_the_run_without_touching_its_results(
     assert written["results"] == pytest.approx(results)
 
 
+def test_default_evaluation_folders_keep_each_kind_of_evaluation_apart():
+    c = config_lib.tiny_config()
+    assert evaluate.default_out_name(c, 10) == "step_10"
+    assert evaluate.default_out_name(c, None) == "weights"
+    c.eval.itm_rerank_k = 16
+    assert evaluate.default_out_name(c, 10) == "step_10_itm_rerank16"
+    c.stage = "tgir"
+    assert evaluate.default_out_name(c, 10) == "step_10_tgir"
+
+
 def test_compilation_cache_is_written_and_read_by_a_second_process(tmp_path):
     """train.compilation_cache: the first process writes its compiled program, a second one
     loads it; "" leaves the cache off; a cache named by the environment wins."""
