@@ -56,6 +56,10 @@ def get_config(size=None):
     c.init.vit_pretrain_label = "caption_words"
     c.init.vit_pretrain_lr = 1e-3
     c.loss.itm_exclude_same_product = True
+    # ITM draws its hard negatives from the rest of the batch, not from the positive's twin group:
+    # with the twin as the negative, the fusion encoder's ITM loss stays at its chance value
+    # (README, "What the demos reach").
+    c.loss.itm_exclude_twins = True
     c.model.hidden_dropout = 0.0
     c.model.attention_dropout = 0.0
 

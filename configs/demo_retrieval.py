@@ -33,4 +33,7 @@ def get_config(size=None):
     # As in stage 1: each twin group in one batch, so that the contrastive loss has to tell twins
     # apart (the reference shuffles plainly; measured in the README, "What the demos reach").
     c.data.batch_groups = "twins"
+    # The reference's hard negatives, the twin among them: stage 1's exclusion lets its fusion
+    # encoder learn matching first (README, "What the demos reach").
+    c.loss.itm_exclude_twins = False
     return apply_size(c, size)

@@ -24,6 +24,7 @@ def get_config(size=None):
     c.loss.scratch_warmup_random_negatives = False
     c.eval.itm_rerank_k = 0
     c.data.batch_groups = ""  # TGIR triplets have no twin groups
+    c.loss.itm_exclude_twins = False  # and stage 3 has no ITM
     c.loss.w_itc = 1.0  # the reference's weight (stage 1's demo raises it)
     c.train.global_batch_size = 32
     c.loss.queue_size = 1024

@@ -377,6 +377,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
         raise ConfigError(f"data.batch_groups={d.batch_groups!r} needs the embedded set's twin groups: "
                           "data.source='synthetic' and stage pretrain or retrieval; set "
                           "--config.data.batch_groups=''")
+    if l.itm_exclude_twins and (d.source != "synthetic" or config.stage == "tgir"):
+        raise ConfigError("loss.itm_exclude_twins=True needs the embedded set's twin groups: "
+                          "data.source='synthetic' and stage pretrain or retrieval; set "
+                          "--config.loss.itm_exclude_twins=False")
     if l.itm_negatives not in ("hard", "random"):
         raise ConfigError(f"loss.itm_negatives={l.itm_negatives!r}: use 'hard' (the reference's "
                           "hard-negative mining) or 'random' (uniform in-batch negatives)")

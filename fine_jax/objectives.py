@@ -35,13 +35,18 @@ class LossConfig:
     w_rtp: float = 1.0
     # method_spec §10 B4: exclude same-product pairs from ITM negative sampling. Off = reference.
     itm_exclude_same_product: bool = False
+    # The embedded set only: also exclude the products of the positive's twin group (which
+    # differ from it in one local detail) from ITM negative sampling, so that with twin-grouped
+    # batches the hard negatives are drawn from the rest of the batch. Implies
+    # itm_exclude_same_product. Off = reference.
+    itm_exclude_twins: bool = False
     # method_spec §10 B5 (stage 1): ITC, the symbol loss and ITM read the uncorrupted text, and
     # MLM / RTP run their own fusion pass on the corrupted text, as ALBEF does (one more text
     # forward and one more fusion pass per pair). Off = reference (all on the corrupted text).
     clean_itc_itm_text: bool = False
     # ITM negatives: "hard" draws each negative from the softmax of the online similarities
     # (HNM, the reference); "random" draws it uniformly from the other items of the local batch
-    # (the ablation of hard-negative mining). Both honour itm_exclude_same_product.
+    # (the ablation of hard-negative mining). Both honour the two exclusions above.
     itm_negatives: str = "hard"
     # method_spec §10 B3 (stage 2): keep product ids in an idx queue and use product-id ITC
     # targets, as stage 1 does, so an older copy of the same product is not a negative.

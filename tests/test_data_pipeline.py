@@ -150,6 +150,43 @@ def test_twin_batches_put_each_twin_group_in_one_batch(tmp_path):
     assert twins_in_the_same_batch("") < 0.4
 
 
+def test_twin_group_ids_reach_the_batches_of_stages_1_and_2(tmp_path):
+    from fine_jax import datasets
+    from fine_jax.config import ConfigError, load_config_file, validate
+    from fine_jax.data import synthetic
+    from fine_jax.stages import data as stage_data
+
+    c = load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+    c.data.data_dir = str(tmp_path)
+    c.data.synthetic_train_products, c.data.synthetic_eval_products = 48, 16
+    c.data.synthetic_views = 2
+    c.train.global_batch_size = 12
+    c.loss.itm_exclude_twins = False
+    assert "twin_group" not in next(iter(stage_data.pretrain_data(c).stream(66)))
+    c.loss.itm_exclude_twins = True
+    data = datasets.resolve(c, splits=("train",), lexicon=False)
+    index = {p: k for k, (p, _) in enumerate(data.train.productid_list)}
+    members = {}  # product index -> its twin group's product indices
+    for a, b, _ in synthetic.load_twins(data.root, "train"):
+        merged = members.get(index[a], {index[a]}) | members.get(index[b], {index[b]})
+        members.update({k: merged for k in merged})
+    for make in (stage_data.pretrain_data, stage_data.retrieval_data):
+        if make is stage_data.retrieval_data:
+            c.stage = "retrieval"
+            c.loss.scratch_warmup_steps = 0
+            c.loss.scratch_warmup_maa_keys = c.loss.scratch_warmup_random_negatives = False
+        for b in take(iter(make(c).stream(66)), 4):
+            idx, group = b["idx"].tolist(), b["twin_group"].tolist()
+            assert b["twin_group"].dtype == np.int32
+            for i, g in zip(idx, group):  # a group is named by its smallest product index
+                assert g == min(members[i])
+    c.data.source = "fashiongen"
+    c.data.batch_groups = ""
+    c.loss.queue_size = 1020
+    with pytest.raises(ConfigError, match="itm_exclude_twins"):
+        validate(c)
+
+
 def test_stage1_row_groups_put_one_view_of_each_twin_together():
     from fine_jax.stages.data import stage1_row_groups
 

@@ -188,6 +188,26 @@ def test_hard_negatives_exclude_same_product():
         assert np.all(np.asarray(neg)[:2] >= 2) and np.all(np.asarray(neg)[2:] < 2)
 
 
+def test_itm_exclusions_follow_the_config():
+    from fine_jax.stages.common import itm_exclusions
+
+    batch = {"idx": jnp.asarray([4, 4, 7, 9]), "twin_group": jnp.asarray([4, 4, 7, 7])}
+    assert itm_exclusions(batch, obj.LossConfig()) is None  # the reference: the diagonal only
+    same_product = itm_exclusions(batch, obj.LossConfig(itm_exclude_same_product=True))
+    np.testing.assert_array_equal(same_product, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0],
+                                                 [0, 0, 0, 1]])
+    twins = itm_exclusions(batch, obj.LossConfig(itm_exclude_twins=True))
+    np.testing.assert_array_equal(twins, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]])
+    # The twin is the most similar item of every row; hard mining would draw it almost surely.
+    sim = 50.0 * jnp.asarray(twins, jnp.float32)
+    for seed in range(10):
+        neg_img, neg_txt = obj.sample_hard_negatives(jax.random.PRNGKey(seed), sim, sim, twins)
+        for neg in (np.asarray(neg_img), np.asarray(neg_txt)):
+            assert np.all(neg[:2] >= 2) and np.all(neg[2:] < 2)
+    with pytest.raises(ValueError, match="twin_group"):
+        itm_exclusions({"idx": batch["idx"]}, obj.LossConfig(itm_exclude_twins=True))
+
+
 def test_random_negatives_are_uniform_over_the_allowed_items():
     # A similarity that hard mining would follow almost surely: column 3 dominates every row.
     b = 4

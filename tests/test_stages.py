@@ -178,6 +178,36 @@ def test_clean_text_fix_feeds_itc_and_itm_the_clean_text_and_mlm_the_corrupted()
         np.testing.assert_allclose(fixed[k], on_corrupted[k], rtol=1e-5)
 
 
+@pytest.mark.parametrize("stage_module", [pretrain, retrieval], ids=["stage1", "stage2"])
+def test_itm_exclude_twins_draws_no_negative_from_the_twin_group(stage_module):
+    """loss.itm_exclude_twins: rows 0-6 form one twin group, so each of them must take row 7 as
+    its negative image and text; row 7 takes one of rows 0-6."""
+    stage = "pretrain" if stage_module is pretrain else "retrieval"
+    cfg = stage_cfg(stage)
+    cfg.loss.itm_exclude_twins = True
+    model, _, state, step = build(stage_module, cfg)
+    batch = make_batch(cfg)
+    if stage == "retrieval":
+        batch = {k: v for k, v in batch.items() if k not in ("mask_labels", "replace_labels")}
+    with pytest.raises(ValueError, match="twin_group"):
+        step(state, batch, jax.random.PRNGKey(0))
+    group = np.array([0] * (B - 1) + [B - 1], np.int32)
+    params = state["params"]
+    img = np.asarray(model.apply({"params": params}, batch["image"], method=M.encode_image))
+    txt = np.asarray(model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                 method=M.encode_text))
+    allowed = []
+    for k in range(B - 1):
+        for j in range(B - 1):
+            neg_image = np.array([B - 1] * (B - 1) + [k], np.int32)
+            neg_text = np.array([B - 1] * (B - 1) + [j], np.int32)
+            loss, _ = np_itm(model, params, txt, batch["attention_mask"], img, neg_image, neg_text)
+            allowed.append(float(loss))
+    for seed in range(3):
+        _, metrics = step(state, dict(batch, twin_group=group), jax.random.PRNGKey(seed))
+        assert np.min(np.abs(np.array(allowed) - float(metrics["loss_itm"]))) < 1e-4
+
+
 def test_deterministic_step_is_repeatable_and_draws_ignore_the_rng_when_negatives_are_given():
     cfg = stage_cfg("pretrain", hidden_dropout=0.1, attention_dropout=0.1)
     _, _, state, step = build(pretrain, cfg)

@@ -87,6 +87,13 @@ class ImageAugment:
                                          randaug_m=self.randaug_m, normalized=False)
 
 
+def with_twin_group(example: dict, twin_group) -> dict:
+    """Adds the example's ``twin_group`` id (from its ``idx``) when a twin-group table is given."""
+    if twin_group is not None:
+        example["twin_group"] = np.int32(twin_group[int(example["idx"])])
+    return example
+
+
 @dataclasses.dataclass
 class Stage1Transform:
     """One image row -> one stage-1 training example (picklable for grain workers)."""
@@ -104,6 +111,7 @@ class Stage1Transform:
     symbol: bool = True
     attributes: bool = True
     clean_copy: bool = False
+    twin_group: Any = None  # product index -> twin-group id (loss.itm_exclude_twins), or None
 
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         img = image_ops.train_transform(record["image"], rng, self.image_size,
@@ -114,8 +122,9 @@ class Stage1Transform:
                                          rng, self.max_len, fix_mlm_labels=self.fix_mlm_labels,
                                          symbol=self.symbol, attributes=self.attributes,
                                          clean_copy=self.clean_copy)
-        return {"image": img, **txt, "idx": np.int32(record["product_index"]),
-                BAD_KEY: np.int32(record.get(BAD_KEY, 0))}
+        out = {"image": img, **txt, "idx": np.int32(record["product_index"]),
+               BAD_KEY: np.int32(record.get(BAD_KEY, 0))}
+        return with_twin_group(out, self.twin_group)
 
 
 @dataclasses.dataclass
@@ -126,13 +135,16 @@ class Stage2Transform:
     tokenizer: text_ops.Tokenizer
     augment: ImageAugment
     max_len: int
+    twin_group: Any = None  # product index -> twin-group id (loss.itm_exclude_twins), or None
 
     def __call__(self, item: tuple[int, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         _, rows = item
         record = read_or_replace(self.source, samplers.draw_row(rows, rng))
         ids, mask = text_ops.build_stage2_text(record["description"], self.tokenizer, self.max_len)
-        return {"image": self.augment(record["image"], rng), "input_ids": ids, "attention_mask": mask,
-                "idx": np.int32(record["product_index"]), BAD_KEY: np.int32(record[BAD_KEY])}
+        out = {"image": self.augment(record["image"], rng), "input_ids": ids,
+               "attention_mask": mask, "idx": np.int32(record["product_index"]),
+               BAD_KEY: np.int32(record[BAD_KEY])}
+        return with_twin_group(out, self.twin_group)
 
 
 @dataclasses.dataclass

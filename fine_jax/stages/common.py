@@ -71,6 +71,25 @@ def sims_against_bank(query: jax.Array, local_keys: jax.Array, queue: jax.Array,
     return jnp.concatenate([local, bank], axis=1) / temp
 
 
+def itm_exclusions(batch, loss_cfg) -> jax.Array | None:
+    """(B, B) pairs left out of ITM negative sampling, or None (the reference: only the diagonal).
+
+    ``itm_exclude_same_product`` (method_spec §10 B4 fix) leaves out the other images of the
+    positive's product; ``itm_exclude_twins`` (embedded set) leaves out every product of its twin
+    group as well, from the batch's ``twin_group`` ids.
+    """
+    if loss_cfg.itm_exclude_twins:
+        if "twin_group" not in batch:
+            raise ValueError("loss.itm_exclude_twins needs the batch's twin_group ids, which the "
+                             "embedded set's pipelines add (data.source='synthetic')")
+        g = batch["twin_group"]
+        return g[:, None] == g[None, :]
+    if loss_cfg.itm_exclude_same_product:
+        idx = batch["idx"]
+        return idx[:, None] == idx[None, :]
+    return None
+
+
 def itm_loss_with_hard_negatives(apply, params, txt, mask, img, sim_i2t_b, sim_t2i_b, rng,
                                  exclude=None, neg_image=None, neg_text=None, fuse_rng=None,
                                  hard: bool = True):

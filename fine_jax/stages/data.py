@@ -38,6 +38,24 @@ def twin_groups(cfg, data, source) -> list[list[int]] | None:
     as product indices of ``source``; None when batches are not grouped."""
     if not cfg.data.batch_groups:
         return None
+    return _twin_product_groups(data, source)
+
+
+def twin_group_ids(cfg, data, source):
+    """``loss.itm_exclude_twins`` (the embedded set): each product index's twin-group id (the
+    smallest product index of its group; a product outside every group keeps its own index), which
+    the transforms put into each example as ``twin_group``; None when the loss does not need it."""
+    if not cfg.loss.itm_exclude_twins:
+        return None
+    import numpy as np
+
+    ids = np.arange(source.num_products, dtype=np.int32)
+    for g in _twin_product_groups(data, source):
+        ids[g] = min(g)
+    return ids
+
+
+def _twin_product_groups(data, source) -> list[list[int]]:
     from fine_jax.data import synthetic
 
     parent: dict[int, int] = {}
@@ -83,7 +101,8 @@ def pretrain_data(cfg) -> TrainingData:
         image_size=cfg.model.image_size, max_len=d.max_len, crop_scale=tuple(d.crop_scale),
         hflip=d.hflip, randaug_n=d.randaug_n, randaug_m=d.randaug_m,
         fix_mlm_labels=d.fix_mlm_labels, symbol=d.stage1_symbol, attributes=d.stage1_attributes,
-        clean_copy=cfg.loss.clean_itc_itm_text)
+        clean_copy=cfg.loss.clean_itc_itm_text,
+        twin_group=twin_group_ids(cfg, data, data.train))
     bg = cfg.train.global_batch_size
     products = twin_groups(cfg, data, data.train)
     rows = None if products is None else stage1_row_groups(
@@ -102,8 +121,9 @@ def pretrain_data(cfg) -> TrainingData:
 
 def retrieval_data(cfg) -> TrainingData:
     data = datasets.resolve(cfg, splits=("train",), lexicon=False)
-    transform = pipeline.Stage2Transform(data.train, data.tokenizer,
-                                         _augment(cfg), cfg.data.max_len)
+    transform = pipeline.Stage2Transform(data.train, data.tokenizer, _augment(cfg),
+                                         cfg.data.max_len,
+                                         twin_group=twin_group_ids(cfg, data, data.train))
     bg = cfg.train.global_batch_size
     groups = twin_groups(cfg, data, data.train)  # stage 2 items are products
 

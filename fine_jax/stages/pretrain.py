@@ -117,7 +117,7 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         loss_sym = obj.symbol_loss(sym, z_v)
 
         # ITM: positives, then one hard negative image per text and one hard negative text per image.
-        exclude = (idx[:, None] == idx[None, :]) if c.itm_exclude_same_product else None
+        exclude = common.itm_exclusions(batch, c)
         loss_itm, pos, _ = common.itm_loss_with_hard_negatives(
             apply, params, txt, mask, img, sim_i2t[:, :b], sim_t2i[:, :b], r_neg, exclude,
             batch.get("neg_image"), batch.get("neg_text"), fuse_rng=r_fuse,

@@ -71,8 +71,7 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         loss_itc, (loss_i2t, loss_t2i) = obj.focal_itc_loss(
             sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, targets, alpha, c.alpha_focal, c.gamma_focal)
 
-        idx = batch["idx"]
-        exclude = (idx[:, None] == idx[None, :]) if c.itm_exclude_same_product else None
+        exclude = common.itm_exclusions(batch, c)
         loss_itm, _, _ = common.itm_loss_with_hard_negatives(
             apply, params, txt, mask, img, sim_i2t[:, :b], sim_t2i[:, :b], r_neg, exclude,
             batch.get("neg_image"), batch.get("neg_text"), fuse_rng=r_fuse,
