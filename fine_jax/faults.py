@@ -94,6 +94,7 @@ class StopSignals:
         self.signum: int | None = None
         self.abort_message = abort_message
         self._previous = {}
+        self._aborting = False
 
     def install(self) -> "StopSignals":
         global _ACTIVE
@@ -119,6 +120,9 @@ class StopSignals:
             self.signum = signum  # honoured at the next safe point; nothing printed here
             return
         if signum == signal.SIGINT:  # pressed again: stop now
+            if self._aborting:  # a third SIGINT between the message and the exit: already leaving
+                return
+            self._aborting = True
             try:
                 msg = f"second SIGINT: stopping now; {self.abort_message()}\n"
             except Exception:  # noqa: BLE001 - the message must never keep the process alive

@@ -289,6 +289,40 @@ def test_a_sigint_in_the_last_moments_of_a_stopped_exit_keeps_its_status(tmp_pat
     assert out.returncode == 128 + signal.SIGINT, (out.returncode, out.stderr[-2000:])
 
 
+HELD_CTRL_C = """
+import os, signal, threading, time
+from fine_jax import faults
+
+def slow_message():  # SIGINTs keep arriving while the abort message is made
+    time.sleep(0.5)
+    return "a restart resumes from step 3"
+
+stop = faults.StopSignals(slow_message).install()
+os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a stop request
+
+def press():
+    while True:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+
+threading.Thread(target=press, daemon=True).start()
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_ctrl_c_held_down_aborts_once_with_one_message(tmp_path):
+    """SIGINT after SIGINT: the second aborts, and the ones that arrive while it writes its message
+    neither print it again nor change the exit status."""
+    script = tmp_path / "held_ctrl_c.py"
+    script.write_text(HELD_CTRL_C)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 128 + signal.SIGINT, (out.returncode, out.stderr[-2000:])
+    assert out.stderr.count("second SIGINT: stopping now") == 1, out.stderr[-2000:]
+    assert "a restart resumes from step 3" in out.stderr
+
+
 LATE_THREAD_REPORT = """
 import sys, threading
 from fine_jax import cli, faults
