@@ -41,7 +41,8 @@ whole global batches).
 These are XLA:CPU compiled sizes of the same program. They approximate, but do not equal, what
 the TPU or GPU compiler lays out: fusion, rematerialisation, layout padding (TPU tiles pad minor
 dimensions to 128 and second-minor ones to 8) and collective scheduling differ, and the CPU
-compiles the program in float32 (``model.dtype`` of the config, float32 for the reference).
+compiles the program in float32 (``model.dtype`` of the config; ``auto``, the reference
+configs' platform choice, is planned as float32).
 Treat the numbers as a plan to check with one real step on the target.
 
 Cost on the host: at the reference size on 64 simulated devices one compile took 8-12 minutes
@@ -132,6 +133,8 @@ def build_config(args, data: int, fsdp: int, batch: int):
     cfg = config_lib.load_config_file(path, size=args.size)
     if cfg.model.vocab_size in (0, -1, None):
         cfg.model.vocab_size = 30522  # bert-base-uncased, the reference vocab
+    if cfg.model.dtype == "auto":  # the plan compiles the fp32 program (see above)
+        cfg.model.dtype = "float32"
     if args.queue is not None:
         cfg.loss.queue_size = args.queue
     if args.fsdp_min_size is not None:

@@ -95,10 +95,11 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     from fine_jax import allocator
     from fine_jax import config as config_lib
     from fine_jax import flops, stages
-    from fine_jax.models.fine import FashionFINE
+    from fine_jax.models.fine import FashionFINE, resolve_dtype
     from fine_jax.optim import make_optimizer
     from fine_jax.stages.common import create_state
 
+    dtype = resolve_dtype(dtype)[0]  # "auto": what the reference configs run on this platform
     # The host memory at each phase of the measurement (CPU): where the process's peak comes from.
     phases = {"imported": resident_gib()}
     cfg = size_config(size)
@@ -221,7 +222,8 @@ def main():
     ap.add_argument("--sizes", default="tiny,reference")
     ap.add_argument("--batches", default="", help="comma list; default 8 for tiny, 2,4 for reference")
     ap.add_argument("--stages", default="pretrain")
-    ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16")
+    ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16, "
+                    "auto (the reference configs' choice for this platform)")
     ap.add_argument("--remat", default="off", help="comma list of off, on")
     ap.add_argument("--attention", default="xla", help="comma list of xla, fused")
     ap.add_argument("--scan", default="off", help="comma list of off, on (model.scan_layers)")

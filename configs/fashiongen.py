@@ -27,6 +27,10 @@ def get_config(size=None):
     config.data.num_workers = -1  # auto: a worker per core on an accelerator host, 0 on CPU
     config.data.num_threads = 1
     config.data.prefetch = 4
+    # Compute dtype per platform (fine_jax.models.fine.resolve_dtype): bf16 products accumulated
+    # in fp32 with fp32 parameters on TPUs, GPUs and CPUs with AMX, float32 on other CPUs.
+    # --config.model.dtype=float32 runs the reference's precision everywhere.
+    config.model.dtype = "auto"
     config.train.checkpoint_every = 2035  # once per epoch (260,480 / 128 iterations)
     config.train.log_every = 50
     config.eval.every_epochs = 1

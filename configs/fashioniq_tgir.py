@@ -24,6 +24,10 @@ def get_config(size=None):
     config.loss.queue_size = 65536
     config.optim.update(dict(lr=3e-5, warmup_lr=1e-6, min_lr=1e-7, warmup_units=1,
                              warmup_unit_iters=100, epochs=10, weight_decay=0.3))
+    # Compute dtype per platform (fine_jax.models.fine.resolve_dtype): bf16 products accumulated
+    # in fp32 with fp32 parameters on TPUs, GPUs and CPUs with AMX, float32 on other CPUs.
+    # --config.model.dtype=float32 runs the reference's precision everywhere.
+    config.model.dtype = "auto"
     config.init.checkpoint = ""  # the stage-1 workdir (its best step) or converted weights
     config.train.checkpoint_every = 1125  # once per epoch (18,000 triplets / 16)
     config.train.log_every = 50

@@ -289,6 +289,21 @@ def _check_parallel(config: ml_collections.ConfigDict, num_devices: int) -> None
             f"{2 * num_devices} or use --config.parallel.batch_semantics=global")
 
 
+def resolve_platform_defaults(config: ml_collections.ConfigDict) -> list[str]:
+    """Replaces the config's per-platform choices (``model.dtype="auto"``) by what this platform
+    runs, in place, so that the log, the FLOP peak and the saved config.json name it; returns a
+    line for the log per choice made."""
+    from fine_jax.models.fine import AUTO_DTYPE, resolve_dtype
+
+    notes = []
+    if config.model.dtype == AUTO_DTYPE:
+        dtype, why = resolve_dtype(AUTO_DTYPE)
+        config.model.dtype = dtype
+        notes.append(f"model.dtype=auto: {dtype} ({why}; --config.model.dtype=float32 runs the "
+                     "reference's precision)")
+    return notes
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
              num_train_records: int | None = None) -> None:
     """Checks the combinations the model cannot run with; raises ConfigError naming the fix.

@@ -43,6 +43,8 @@ def evaluate(cfg, checkpoint, out=None, step="best", log=print) -> dict:
     from fine_jax.eval.results import write_results
     from fine_jax.models.fine import FashionFINE, init_params
 
+    for note in config_lib.resolve_platform_defaults(cfg):
+        log(note)
     config_lib.validate(cfg, num_devices=jax.device_count())
     weights, info = read_weights(checkpoint, parts=("params",), step=step, log=log)
     evaluator = stages.get(cfg.stage).evaluator(cfg)

@@ -248,6 +248,8 @@ def run(cfg, workdir: str) -> dict | None:
             "sees (a shared file system, or the bucket mounted with gcsfuse; "
             "launch/tpu_vm.py --gcsfuse=BUCKET:/mnt/BUCKET mounts it on every TPU worker)")
     workdir = pathlib.Path(workdir).expanduser().absolute()
+    for note in config_lib.resolve_platform_defaults(cfg):
+        log(note)
     config_lib.validate(cfg, num_devices=jax.device_count())  # before any data is touched
     enable_compilation_cache(cfg.train.compilation_cache)
     is_main = jax.process_index() == 0

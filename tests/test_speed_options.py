@@ -268,3 +268,40 @@ def test_dense_dot_general_leaves_float32_alone():
     dims = (((2,), (0,)), ((), ()))
     chex.assert_trees_all_equal(jax.jit(dense_dot_general, static_argnums=2)(x, w, dims),
                                 jax.jit(jax.lax.dot_general, static_argnums=2)(x, w, dims))
+
+
+def test_auto_dtype_is_chosen_per_platform(tmp_path):
+    from fine_jax.models.fine import cpu_has_amx_bf16, resolve_dtype
+
+    assert resolve_dtype("auto", "tpu")[0] == "bfloat16"
+    assert resolve_dtype("auto", "gpu")[0] == "bfloat16"
+    assert resolve_dtype("auto", "cpu", amx_bf16=True)[0] == "bfloat16"
+    assert resolve_dtype("auto", "cpu", amx_bf16=False)[0] == "float32"
+    assert resolve_dtype("float32", "tpu")[0] == "float32"  # a set dtype is kept
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_amx_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_tile amx_int8\n")
+    assert not cpu_has_amx_bf16(str(info))
+    assert not cpu_has_amx_bf16(str(tmp_path / "no_such_file"))
+
+
+def test_reference_configs_take_the_platform_dtype_and_the_demos_float32():
+    import pathlib
+
+    from fine_jax.models.fine import resolve_dtype
+
+    configs = pathlib.Path(__file__).parents[1] / "configs"
+    for name in ("fashiongen.py", "fashiongen_retrieval.py", "fashioniq_tgir.py"):
+        c = config_lib.load_config_file(configs / name)
+        assert c.model.dtype == "auto", name
+        assert config_lib.model_config(c).compute_dtype == jnp.dtype(resolve_dtype("auto")[0])
+        notes = config_lib.resolve_platform_defaults(c)
+        assert c.model.dtype == resolve_dtype("auto")[0]
+        assert len(notes) == 1 and notes[0].startswith(f"model.dtype=auto: {c.model.dtype} (")
+        assert config_lib.resolve_platform_defaults(c) == []  # resolved once, in place
+    for name in ("demo.py", "demo_retrieval.py", "demo_tgir.py"):
+        assert config_lib.load_config_file(configs / name).model.dtype == "float32", name
+    c = tiny_config(dtype="bf16")
+    with pytest.raises(config_lib.ConfigError, match="'auto'.*got 'bf16'"):
+        config_lib.validate(c)

@@ -290,13 +290,14 @@ def test_itm_reranking_is_reported_under_its_own_keys(stage1, tmp_path):
 
 @pytest.mark.parametrize("config_file", ["fashiongen.py", "fashiongen_retrieval.py",
                                          "fashioniq_tgir.py"])
-def test_reference_configs_run_on_small_data_in_the_real_layouts(config_file, tmp_path):
+def test_reference_configs_run_on_small_data_in_the_real_layouts(config_file, tmp_path, capsys):
     """The reference configs at the tiny size, on a FashionGen release / FashionIQ folder the test
     writes: two steps, a checkpoint, an evaluation with the stage's protocols."""
     from test_data_fashioniq import WORDS, write_fashioniq
     from test_data_sources import write_release
 
     from fine_jax.data.text import SYMBOL_TOKENS
+    from fine_jax.models.fine import resolve_dtype
 
     c = config_lib.load_config_file(REPO / "configs" / config_file, "tiny")
     if c.stage == "tgir":
@@ -313,6 +314,10 @@ def test_reference_configs_run_on_small_data_in_the_real_layouts(config_file, tm
     c.eval.update(batch_size=8, sample100_queries=5, sample100_negatives=3, sample100_draws=2)
     results = trainer.run(c, str(tmp_path / "wd"))
     assert (tmp_path / "wd" / "checkpoints" / "2").is_dir()
+    # model.dtype=auto is resolved for this platform, logged, and saved resolved.
+    dtype = resolve_dtype("auto")[0]
+    assert f"model.dtype=auto: {dtype} (" in capsys.readouterr().out
+    assert json.loads((tmp_path / "wd" / "config.json").read_text())["model"]["dtype"] == dtype
     criterion = json.loads((tmp_path / "wd" / "eval_results.json").read_text())["criterion"]
     assert criterion == ("tgir/select" if c.stage == "tgir" else "full/sum")
     assert np.isfinite(results[criterion])
