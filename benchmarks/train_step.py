@@ -100,6 +100,8 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     from fine_jax.stages.common import create_state
 
     dtype = resolve_dtype(dtype)[0]  # "auto": what the reference configs run on this platform
+    from fine_jax import xla_cpu
+    xla_cpu.unroll_threefry_on_cpu()  # as the trainer does on CPU (a no-op for other backends)
     # The host memory at each phase of the measurement (CPU): where the process's peak comes from.
     phases = {"imported": resident_gib()}
     cfg = size_config(size)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fine_jax import allocator
+from fine_jax import allocator, xla_cpu
 from fine_jax import config as config_lib
 from fine_jax import faults
 from fine_jax import flops as flops_lib
@@ -309,6 +309,8 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
     log(f"fine_jax {stage.name} | devices: {jax.device_count()} x {jax.devices()[0].platform} | "
         f"{data.description} | global batch {bg} | {spe} steps/epoch | {total_steps} steps")
     log(f"host allocator: {allocator.active()} ({allocator.ENV})")
+    if jax.devices()[0].platform == "cpu" and xla_cpu.unroll_threefry_on_cpu():
+        log("random bits: threefry lowered without its loop (fine_jax.xla_cpu)")
 
     # --- model, optimiser, state ------------------------------------------------------------
     model = FashionFINE(config_lib.model_config(cfg))
