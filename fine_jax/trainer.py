@@ -251,6 +251,8 @@ def run(cfg, workdir: str) -> dict | None:
     for note in config_lib.resolve_platform_defaults(cfg):
         log(note)
     config_lib.validate(cfg, num_devices=jax.device_count())  # before any data is touched
+    if jax.devices()[0].platform == "cpu":
+        xla_cpu.unroll_threefry_on_cpu()  # a bad FINE_JAX_THREEFRY stops here, before any work
     enable_compilation_cache(cfg.train.compilation_cache)
     is_main = jax.process_index() == 0
     lock = None

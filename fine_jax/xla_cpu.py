@@ -13,13 +13,18 @@ ms with the loop (about 5 % shorter), compile 10.7-10.8 s against 10.5-10.6 s, a
 peak 0.07-0.08 GiB higher (1.38-1.40 against 1.30-1.32 GiB peak RSS). The switch is process-wide
 (a lowering rule is a property of the JAX process), is applied by the commands that train
 (``fine_jax.trainer``, ``benchmarks/train_step.py``), and is a no-op where JAX's internals differ
-from what it expects.
+from what it expects. ``FINE_JAX_THREEFRY=loop`` keeps JAX's own lowering (the lower compile peak);
+``unrolled`` is the default.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger(__name__)
+
+ENV = "FINE_JAX_THREEFRY"
+CHOICES = ("unrolled", "loop")
 
 _applied: bool | None = None
 
@@ -27,11 +32,21 @@ _applied: bool | None = None
 def unroll_threefry_on_cpu() -> bool:
     """Registers JAX's unrolled threefry lowering for the CPU platform; True when it is in use.
 
-    Idempotent. Returns False (and changes nothing) when this JAX version does not have the
-    private pieces it uses; the training steps then lower as JAX does by default.
+    Idempotent. Returns False (and changes nothing) with ``FINE_JAX_THREEFRY=loop``, or when
+    this JAX version does not have the private pieces it uses; the training steps then lower as
+    JAX does by default.
     """
     global _applied
     if _applied is not None:
+        return _applied
+    choice = os.environ.get(ENV, "unrolled")
+    if choice not in CHOICES:
+        from fine_jax.config import ConfigError  # one line from the commands, not a traceback
+
+        raise ConfigError(f"{ENV}={choice!r}: use {' or '.join(CHOICES)} (unrolled, the default, "
+                         "lowers the random-bit hash without a loop on CPU; loop keeps JAX's own)")
+    if choice == "loop":
+        _applied = False
         return _applied
     try:
         from jax._src.interpreters import mlir

@@ -46,3 +46,17 @@ def test_unrolled_threefry_gives_the_same_bits_without_a_loop():
     assert r["same"], "the unrolled lowering changed the random bits"
     assert r["loops_before"] > 0, "JAX's default CPU lowering no longer loops: the switch is moot"
     assert r["loops_after"] == 0
+
+
+def test_loop_keeps_jax_lowering_and_a_bad_value_is_named():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FINE_JAX_THREEFRY": "loop"}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not r["applied"] and r["same"] and r["loops_after"] == r["loops_before"] > 0
+    env["FINE_JAX_THREEFRY"] = "unroled"
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode != 0
+    assert "FINE_JAX_THREEFRY='unroled': use unrolled or loop" in out.stderr
