@@ -6,6 +6,7 @@
         --remat=off,on --scan=off,on --stages=pretrain,retrieval,tgir
     python benchmarks/train_step.py --sizes=tiny --control=1120cd6 --pairs=3
     python benchmarks/train_step.py --sizes=tiny,reference --batches=2 --allocator=system,auto
+    python benchmarks/train_step.py --sizes=tiny --steps=20 --mlm_overflow=step,host
 
 Sizes:
   tiny       ViT 64 wide / depth 2 / 2 heads / patch 16 / 64 px; BERT hidden 64, 4 layers
@@ -20,6 +21,9 @@ in use where the backend reports it (GPU, TPU), else the process's peak resident
 which includes the compiler's own peak). MFU is the analytic model FLOPs (fine_jax.flops) over the
 device's peak (a table for TPUs and GPUs, a measured matmul on CPU).
 
+``--mlm_overflow=host`` measures the stage-1 step without its MLM overflow conditional
+(``loss.mlm_overflow``; the random batch's targets fit the gathered buffer).
+
 Each measurement runs with the host allocator the commands choose (``fine_jax.allocator``:
 tcmalloc when installed, else glibc with huge pages); ``--allocator=system,auto`` measures both.
 ``--control=COMMIT`` measures that commit's own ``benchmarks/train_step.py`` (stage 1, fp32) in a
@@ -30,6 +34,7 @@ to the next, the ratio within a pair much less.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -88,7 +93,7 @@ def resident_gib() -> tuple[float, float] | None:
 
 
 def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: bool,
-              attention: str, scan: bool = False) -> dict:
+              attention: str, scan: bool = False, mlm_overflow: str = "step") -> dict:
     """One measurement in this process."""
     import jax
 
@@ -111,6 +116,7 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     cfg.model.attention = attention
     cfg.model.scan_layers = scan
     cfg.train.global_batch_size = batch
+    cfg.loss.mlm_overflow = mlm_overflow  # the random batch's MLM targets fit the gathered buffer
     if stage == "tgir":
         cfg.loss.queue_size = cfg.loss.queue_size // (2 * batch) * 2 * batch
     model = FashionFINE(config_lib.model_config(cfg))
@@ -149,7 +155,8 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     count = flops.step_flops(cfg).total
     peak, peak_source = flops.device_peak_flops(jax.devices()[0], dtype)
     return dict(code="this tree", size=size, stage=stage, batch=batch, dtype=dtype, remat=remat,
-                attention=attention, scan=scan, compile_s=compile_s, step_s=med,
+                attention=attention, scan=scan, mlm_overflow=mlm_overflow,
+                compile_s=compile_s, step_s=med,
                 pairs_per_s=batch / med,
                 gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
                 peak_source=peak_source, peak_gib=mem / 2**30, mem_kind=mem_kind,
@@ -196,7 +203,7 @@ def run_control(worktree: str, size: str, batch: int, steps: int) -> dict:
 
 
 HEADER = (f"{'code':<10} {'size':<9} {'stage':<9} {'batch':>5} {'dtype':<8} {'remat':<5} "
-          f"{'attn':<5} {'scan':<4} {'alloc':<9} {'compile s':>9} {'step s':>8} {'pairs/s':>8} "
+          f"{'attn':<5} {'scan':<4} {'mlm':<4} {'alloc':<9} {'compile s':>9} {'step s':>8} {'pairs/s':>8} "
           f"{'MFU %':>6} {'peak GiB':>8} {'faults/step':>11}")
 
 
@@ -204,7 +211,8 @@ def row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:6.1f}" if "mfu" in r else f"{'':>6}"
     return (f"{r['code']:<10} {r['size']:<9} {r['stage']:<9} {r['batch']:>5} {r['dtype']:<8} "
             f"{'on' if r['remat'] else 'off':<5} {r['attention']:<5} "
-            f"{'on' if r.get('scan') else 'off':<4} {r.get('allocator', '?').split()[0]:<9} "
+            f"{'on' if r.get('scan') else 'off':<4} {r.get('mlm_overflow', '-'):<4} "
+            f"{r.get('allocator', '?').split()[0]:<9} "
             f"{r['compile_s']:>9.2f} "
             f"{r['step_s']:>8.4f} {r['pairs_per_s']:>8.2f} {mfu} {r['peak_gib']:>8.2f} "
             f"{round(r['page_faults_per_step']) if 'page_faults_per_step' in r else '':>11}")
@@ -229,6 +237,8 @@ def main():
     ap.add_argument("--remat", default="off", help="comma list of off, on")
     ap.add_argument("--attention", default="xla", help="comma list of xla, fused")
     ap.add_argument("--scan", default="off", help="comma list of off, on (model.scan_layers)")
+    ap.add_argument("--mlm_overflow", default="step", help="comma list of step, host "
+                    "(loss.mlm_overflow: the step with or without its MLM overflow conditional)")
     ap.add_argument("--allocator", default="auto", help="comma list of FINE_JAX_ALLOCATOR "
                     "values: auto, tcmalloc, hugepages, system (fine_jax.allocator)")
     ap.add_argument("--steps", type=int, default=5)
@@ -244,9 +254,9 @@ def main():
         from fine_jax import allocator
 
         allocator.reexec_if_needed()  # the allocator the commands run with (fine_jax.allocator)
-        size, stage, batch, dtype, remat, attention, scan = rest
+        size, stage, batch, dtype, remat, attention, scan, *more = rest
         print(json.dumps(bench_one(size, stage, int(batch), args.steps, dtype, remat == "on",
-                                   attention, scan == "on")))
+                                   attention, scan == "on", *more)))
         return
 
     import jax
@@ -271,8 +281,8 @@ def main():
                         print(row(c), flush=True)
                         results.append(c)
                         for dtype in args.dtypes.split(","):
-                            t = run_child([size, "pretrain", str(b), dtype, "off", "xla", "off"],
-                                          args.steps)
+                            t = run_child([size, "pretrain", str(b), dtype, "off", "xla", "off",
+                                           args.mlm_overflow.split(",")[0]], args.steps)
                             print(row(t) + f"   x{t['pairs_per_s'] / c['pairs_per_s']:.2f} "
                                   f"pairs/s, x{t['peak_gib'] / c['peak_gib']:.2f} memory",
                                   flush=True)
@@ -284,14 +294,15 @@ def main():
                     for dtype in args.dtypes.split(","):
                         for remat in args.remat.split(","):
                             for attention in args.attention.split(","):
-                                for scan in args.scan.split(","):
-                                    for alloc in args.allocator.split(","):
-                                        r = run_child([size, stage, str(b), dtype, remat,
-                                                       attention, scan], args.steps, alloc)
-                                        print(row(r), flush=True)
-                                        if args.phases and phase_line(r):
-                                            print(phase_line(r), flush=True)
-                                        results.append(r)
+                                for scan, mo, alloc in itertools.product(
+                                        args.scan.split(","), args.mlm_overflow.split(","),
+                                        args.allocator.split(",")):
+                                    r = run_child([size, stage, str(b), dtype, remat, attention,
+                                                   scan, mo], args.steps, alloc)
+                                    print(row(r), flush=True)
+                                    if args.phases and phase_line(r):
+                                        print(phase_line(r), flush=True)
+                                    results.append(r)
     finally:
         if worktree:
             subprocess.run(["git", "worktree", "remove", "--force", worktree], cwd=REPO,

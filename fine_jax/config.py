@@ -18,7 +18,7 @@ import dataclasses
 import ml_collections
 
 from fine_jax.models.fine import ModelConfig
-from fine_jax.objectives import LossConfig
+from fine_jax.objectives import MLM_OVERFLOW, LossConfig
 from fine_jax.optim import OptimConfig, parse_lr_scales
 
 
@@ -339,6 +339,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
             f"loss.queue_size={l.queue_size} is not divisible by {what}, {qb} "
             f"(train.global_batch_size={bg}): the queue pointer must advance in whole batches. "
             f"Use e.g. --config.loss.queue_size={max(qb, (l.queue_size // qb) * qb)}")
+    if l.mlm_overflow not in MLM_OVERFLOW:
+        raise ConfigError(f"loss.mlm_overflow={l.mlm_overflow!r}: use {' or '.join(MLM_OVERFLOW)} "
+                          "(where a batch with more MLM targets than the gathered buffer is caught)")
     if not 0.0 < l.mlm_max_fraction <= 1.0:
         raise ConfigError(f"loss.mlm_max_fraction={l.mlm_max_fraction} must lie in (0, 1]: the "
                           "share of text positions the gathered MLM buffer holds")

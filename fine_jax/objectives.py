@@ -83,6 +83,13 @@ class LossConfig:
     # are compiled, a conditional picks one). Off: every position, as the reference.
     mlm_gather: bool = True
     mlm_max_fraction: float = 0.25
+    # Where a batch that overflows the gathered buffer is caught. "step": inside the compiled step
+    # (the conditional above). "host": the step holds the gathered head only, and the trainer
+    # counts each batch's targets on the host and runs a batch that overflows with a second,
+    # every-position step (compiled when first needed). The conditional costs the tiny CPU step
+    # about 6 % even when never taken (it splits the backward pass); the loss is the same either
+    # way. A multi-process job uses "step" (every process would have to agree on the step).
+    mlm_overflow: str = "step"
 
 
 def idx_targets(idx: jax.Array, idx_all: jax.Array) -> jax.Array:
@@ -209,14 +216,30 @@ def mlm_buffer_rows(batch: int, length: int, fraction: float) -> int:
     return max(1, min(batch * length, math.ceil(fraction * batch * length)))
 
 
+MLM_OVERFLOW = ("step", "host")
+
+
+def mlm_batch_fits(mask_labels, group_batch: int, rows: int) -> bool:
+    """Host check for ``loss.mlm_overflow="host"``: True when every group of ``group_batch``
+    consecutive examples of ``mask_labels`` (a NumPy (B, L) array) has at most ``rows`` MLM
+    targets, so that the gathered head computes the whole loss."""
+    import numpy as np
+
+    labels = np.asarray(mask_labels)
+    counts = (labels != IGNORE_LABEL).reshape(-1, group_batch * labels.shape[1]).sum(axis=1)
+    return bool((counts <= rows).all())
+
+
 def gathered_mlm_loss(head: Callable[[jax.Array], jax.Array], states: jax.Array,
-                      mask_labels: jax.Array, rows: int) -> jax.Array:
+                      mask_labels: jax.Array, rows: int, fallback: bool = True) -> jax.Array:
     """:func:`mlm_loss` of ``head(states)`` with the head run on the labelled positions only.
 
     states (B, L, D), mask_labels (B, L); ``head`` maps (..., D) -> (..., V) position by position.
     The labelled positions are gathered (in order) into ``rows`` rows; unused rows are padded with
     position 0 and an ignored label. When a batch has more labelled positions than ``rows``, the
     head runs on every position instead, so the loss is always the full computation's.
+    ``fallback=False`` leaves that branch out: the caller guarantees that the targets fit
+    (:func:`mlm_batch_fits`), else the targets beyond ``rows`` are dropped.
     """
     flat_states = states.reshape(-1, states.shape[-1])
     flat_labels = mask_labels.reshape(-1)
@@ -233,6 +256,8 @@ def gathered_mlm_loss(head: Callable[[jax.Array], jax.Array], states: jax.Array,
 
     if rows >= flat_labels.shape[0]:
         return every_position()
+    if not fallback:
+        return gathered()
     # The fallback is rematerialised: differentiating a conditional keeps the residuals of both
     # branches, and this branch's (B*L, V) logits would otherwise be zero-filled and carried
     # through every step that never takes it (measured: a (B*L, V) memset and copy per step).

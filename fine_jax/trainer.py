@@ -16,6 +16,7 @@ non-finite steps, a locked or unwritable workdir and a changed config end is ``f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -29,7 +30,7 @@ from fine_jax import allocator, xla_cpu
 from fine_jax import config as config_lib
 from fine_jax import faults
 from fine_jax import flops as flops_lib
-from fine_jax import parallel, stages, vit_pretrain
+from fine_jax import objectives, parallel, stages, vit_pretrain
 from fine_jax.checkpoint import BEST_DIR, Checkpointer, best_info, save_weights
 from fine_jax.checkpoint import CheckpointWriteError, close_all, complete_steps
 from fine_jax.data import pipeline
@@ -317,6 +318,10 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
     # --- model, optimiser, state ------------------------------------------------------------
     model = FashionFINE(config_lib.model_config(cfg))
     loss_cfg = config_lib.loss_config(cfg)
+    if loss_cfg.mlm_overflow == "host" and jax.process_count() > 1:
+        log("loss.mlm_overflow=host runs in one process only (the processes would have to agree on "
+            "the step of every batch): the step catches an overflowing MLM batch itself")
+        loss_cfg = dataclasses.replace(loss_cfg, mlm_overflow="step")
     optimizer, schedule = make_optimizer(cfg.optim, spe)
     make_queues = stage.make_queues(loss_cfg, cfg.model.embed_dim)
     # The state is born sharded (FSDP over the mesh): its shapes come from jax.eval_shape, and a
@@ -354,13 +359,24 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
     start = int(start or 0)
 
     # --- train loop -------------------------------------------------------------------------
-    step_fn = stage.make_step(model, optimizer, loss_cfg, spe, schedule, total_steps=total_steps,
-                              deterministic=cfg.train.deterministic,
-                              groups=parallel.groups_from_config(cfg, mesh))
+    groups = parallel.groups_from_config(cfg, mesh)
     repl = parallel.replicated(mesh)
     batch_shard = parallel.batch_sharding(mesh)
-    jstep = jax.jit(step_fn, in_shardings=(shardings, batch_shard, repl),
-                    out_shardings=(shardings, repl), donate_argnums=0)
+
+    def jit_step(loss_cfg):
+        step_fn = stage.make_step(model, optimizer, loss_cfg, spe, schedule,
+                                  total_steps=total_steps, deterministic=cfg.train.deterministic,
+                                  groups=groups)
+        return jax.jit(step_fn, in_shardings=(shardings, batch_shard, repl),
+                       out_shardings=(shardings, repl), donate_argnums=0)
+
+    jstep = jit_step(loss_cfg)
+    # loss.mlm_overflow=host: the step above holds the gathered MLM head only; a batch with more
+    # targets than its buffer (in any group) runs this every-position step instead.
+    mlm_on_host = (cfg.stage == "pretrain" and loss_cfg.mlm_gather
+                   and loss_cfg.mlm_overflow == "host")
+    mlm_group = bg // groups.count
+    full_mlm_step = None
     base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
     selection = Selection(cfg, workdir, stage, writer, is_main)
@@ -445,18 +461,30 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
             batch = parallel.global_batch(host_batch, mesh)
             input_wait += time.perf_counter() - t_wait
             rng = jax.random.fold_in(base_rng, step)
-            if compiled is None:
-                # Compiled ahead of the first call, so that the compiler's freed memory goes back
-                # to the system before the step's buffers are allocated (a lower peak).
-                compiled = jstep.lower(state, batch, rng).compile()
-                allocator.release_free_memory()
-            try:
-                state, metrics = compiled(state, batch, rng)
-            except (TypeError, ValueError) as e:  # another shape or sharding than compiled for
-                log(f"step {step}: the step's arguments differ from the compiled ones "
-                    f"({str(e).splitlines()[0][:160]}); compiling again")
-                compiled = jstep
-                state, metrics = jstep(state, batch, rng)
+            labels = host_batch.get("mask_labels") if mlm_on_host else None
+            if labels is not None and not objectives.mlm_batch_fits(
+                    labels, mlm_group, objectives.mlm_buffer_rows(
+                        mlm_group, labels.shape[1], loss_cfg.mlm_max_fraction)):
+                if full_mlm_step is None:
+                    log(f"step {step}: a batch with more MLM targets than the gathered buffer "
+                        f"holds (loss.mlm_max_fraction={loss_cfg.mlm_max_fraction} of each "
+                        f"group's {mlm_group} x {labels.shape[1]} positions); such batches run "
+                        "the every-position MLM step (compiling it now)")
+                    full_mlm_step = jit_step(dataclasses.replace(loss_cfg, mlm_gather=False))
+                state, metrics = full_mlm_step(state, batch, rng)
+            else:
+                if compiled is None:
+                    # Compiled ahead of the first call, so that the compiler's freed memory goes
+                    # back to the system before the step's buffers are allocated (a lower peak).
+                    compiled = jstep.lower(state, batch, rng).compile()
+                    allocator.release_free_memory()
+                try:
+                    state, metrics = compiled(state, batch, rng)
+                except (TypeError, ValueError) as e:  # another shape or sharding than compiled
+                    log(f"step {step}: the step's arguments differ from the compiled ones "
+                        f"({str(e).splitlines()[0][:160]}); compiling again")
+                    compiled = jstep
+                    state, metrics = jstep(state, batch, rng)
             step += 1
             unchecked.append((step, metrics))
             check_finite(step - 1)

@@ -259,3 +259,20 @@ def test_losses_are_fp32_scalars_under_bf16_inputs(rng):
     chex.assert_shape(jax.tree_util.tree_leaves(losses), ())
     chex.assert_type(jax.tree_util.tree_leaves(losses), jnp.float32)
     chex.assert_tree_all_finite(losses)
+
+
+def test_mlm_batch_fits_counts_each_group_and_the_step_without_fallback_is_exact(rng):
+    labels = np.full((4, 5), obj.IGNORE_LABEL)
+    labels[0, :3] = 7  # group 0 (rows 0-1): 3 targets; group 1 (rows 2-3): 1 target
+    labels[3, 0] = 9
+    assert obj.mlm_batch_fits(labels, group_batch=2, rows=3)
+    assert not obj.mlm_batch_fits(labels, group_batch=2, rows=2)
+    assert obj.mlm_batch_fits(labels, group_batch=4, rows=4)
+    assert not obj.mlm_batch_fits(labels, group_batch=4, rows=3)
+    states = jnp.asarray(rng.standard_normal((4, 5, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((6, 11)), jnp.float32)
+    head = lambda x: jnp.tanh(x) @ w
+    full = obj.mlm_loss(head(states), jnp.asarray(labels))
+    for fallback in (True, False):
+        got = obj.gathered_mlm_loss(head, states, jnp.asarray(labels), 4, fallback=fallback)
+        np.testing.assert_allclose(got, full, rtol=1e-6)

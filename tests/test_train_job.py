@@ -371,3 +371,28 @@ def test_compilation_cache_is_written_and_read_by_a_second_process(tmp_path):
     assert "CACHE None" in run("")
     other = tmp_path / "env"
     assert f"CACHE {other}" in run(str(cache), {"JAX_COMPILATION_CACHE_DIR": str(other)})
+
+
+def test_mlm_overflow_on_the_host_runs_the_every_position_step(data_dir, tmp_path, capsys):
+    """loss.mlm_overflow=host: a batch with more MLM targets than the gathered buffer runs a
+    second, every-position step, with the loss the in-step conditional computes."""
+    runs = {}
+    for where in ("step", "host"):
+        c = tiny("demo.py", data_dir, 2, deterministic=True)
+        c.init.vit_pretrain_steps = 0
+        c.eval.at_end = False
+        c.loss.update(mlm_overflow=where, mlm_max_fraction=0.01)  # 4 rows: every batch overflows
+        trainer.run(c, str(tmp_path / where))
+        runs[where] = read_metrics(tmp_path / where)[0]
+        out = capsys.readouterr().out
+        assert out.count("such batches run the every-position MLM step") == (where == "host")
+    for step in (1, 2):
+        for key in ("loss", "loss_mlm", "loss_itm", "grad_norm"):
+            assert runs["host"][step][key] == pytest.approx(runs["step"][step][key], rel=1e-5), key
+
+
+def test_mlm_overflow_is_checked():
+    c = config_lib.tiny_config()
+    c.loss.mlm_overflow = "device"
+    with pytest.raises(config_lib.ConfigError, match="loss.mlm_overflow='device': use step or host"):
+        config_lib.validate(c)

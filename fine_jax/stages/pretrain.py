@@ -134,7 +134,8 @@ def make_step(model: FashionFINE, optimizer: optax.GradientTransformation, loss_
         if c.mlm_gather:
             rows = obj.mlm_buffer_rows(b, ids.shape[1], c.mlm_max_fraction)
             loss_mlm = obj.gathered_mlm_loss(lambda x: apply(params, M.mlm_logits, x), pos,
-                                             batch["mask_labels"], rows)
+                                             batch["mask_labels"], rows,
+                                             fallback=c.mlm_overflow != "host")
         else:
             loss_mlm = obj.mlm_loss(apply(params, M.mlm_logits, pos), batch["mask_labels"])
         loss_rtp = obj.rtp_loss(apply(params, M.rtp_logits, pos), batch["replace_labels"])
