@@ -7,6 +7,7 @@
     python benchmarks/train_step.py --sizes=tiny --control=1120cd6 --pairs=3
     python benchmarks/train_step.py --sizes=tiny,reference --batches=2 --allocator=system,auto
     python benchmarks/train_step.py --sizes=tiny --steps=20 --mlm_overflow=step,host
+    python benchmarks/train_step.py --sizes=tiny --steps=60 --mlm_overflow=step,host --interleave
 
 Sizes:
   tiny       ViT 64 wide / depth 2 / 2 heads / patch 16 / 64 px; BERT hidden 64, 4 layers
@@ -22,7 +23,10 @@ which includes the compiler's own peak). MFU is the analytic model FLOPs (fine_j
 device's peak (a table for TPUs and GPUs, a measured matmul on CPU).
 
 ``--mlm_overflow=host`` measures the stage-1 step without its MLM overflow conditional
-(``loss.mlm_overflow``; the random batch's targets fit the gathered buffer).
+(``loss.mlm_overflow``; the random batch's targets fit the gathered buffer). ``--interleave``
+compiles every combination of the settings in one process and runs their steps in turn, so that
+the machine's drift falls on all of them alike, and prints each one's speed relative to the first
+(the process's peak memory is shared by all of them).
 
 Each measurement runs with the host allocator the commands choose (``fine_jax.allocator``:
 tcmalloc when installed, else glibc with huge pages); ``--allocator=system,auto`` measures both.
@@ -92,23 +96,19 @@ def resident_gib() -> tuple[float, float] | None:
         return None
 
 
-def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: bool,
-              attention: str, scan: bool = False, mlm_overflow: str = "step") -> dict:
-    """One measurement in this process."""
+def build_step(size: str, stage: str, batch: int, dtype: str, remat: bool, attention: str,
+               scan: bool = False, mlm_overflow: str = "step"):
+    """(config, resolved dtype, jitted step, state, batch arrays, rng) of one setting."""
     import jax
 
-    from fine_jax import allocator
     from fine_jax import config as config_lib
-    from fine_jax import flops, stages
+    from fine_jax import stages, xla_cpu
     from fine_jax.models.fine import FashionFINE, resolve_dtype
     from fine_jax.optim import make_optimizer
     from fine_jax.stages.common import create_state
 
     dtype = resolve_dtype(dtype)[0]  # "auto": what the reference configs run on this platform
-    from fine_jax import xla_cpu
     xla_cpu.unroll_threefry_on_cpu()  # as the trainer does on CPU (a no-op for other backends)
-    # The host memory at each phase of the measurement (CPU): where the process's peak comes from.
-    phases = {"imported": resident_gib()}
     cfg = size_config(size)
     cfg.stage = stage
     cfg.model.dtype = dtype
@@ -127,8 +127,21 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     state = jax.jit(lambda r: create_state(model, optimizer, r, queues))(jax.random.PRNGKey(0))
     step = jax.jit(st.make_step(model, optimizer, loss_cfg, 1000, schedule), donate_argnums=0)
     batch_arrays = jax.device_put(random_batch(cfg, batch))
-    rng = jax.random.PRNGKey(1)
     jax.block_until_ready(state)
+    return cfg, dtype, step, state, batch_arrays, jax.random.PRNGKey(1)
+
+
+def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: bool,
+              attention: str, scan: bool = False, mlm_overflow: str = "step") -> dict:
+    """One measurement in this process."""
+    import jax
+
+    from fine_jax import allocator, flops
+
+    # The host memory at each phase of the measurement (CPU): where the process's peak comes from.
+    phases = {"imported": resident_gib()}
+    cfg, dtype, step, state, batch_arrays, rng = build_step(size, stage, batch, dtype, remat,
+                                                            attention, scan, mlm_overflow)
     phases["state"] = resident_gib()
 
     t0 = time.perf_counter()
@@ -163,6 +176,52 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
                 loss=float(metrics["loss"]), allocator=allocator.active(),
                 page_faults_per_step=faults / steps, temp_bytes=temp_bytes,
                 resident_gib={k: v for k, v in phases.items() if v is not None})
+
+
+def bench_interleaved(size: str, stage: str, batch: int, steps: int, variants: list) -> list:
+    """Several settings of one size, stage and batch compiled in this process, their steps run in
+    turn (round i starts with variant i mod n): the machine's drift from minute to minute, which
+    hides a change of a few per cent between processes, falls on all of them alike.
+    ``variants``: (dtype, remat, attention, scan, mlm_overflow) tuples. The peak memory is the
+    process's, shared by all of them."""
+    import jax
+
+    from fine_jax import allocator, flops
+
+    built = []
+    for dtype, remat, attention, scan, mlm_overflow in variants:
+        cfg, dt, step, state, batch_arrays, rng = build_step(size, stage, batch, dtype, remat,
+                                                             attention, scan, mlm_overflow)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch_arrays, rng).compile()
+        built.append(dict(cfg=cfg, dtype=dt, compiled=compiled, state=state, batch=batch_arrays,
+                          rng=rng, compile_s=time.perf_counter() - t0, times=[],
+                          setting=(remat, attention, scan, mlm_overflow)))
+        allocator.release_free_memory()
+    n = len(built)
+    for i in range(steps + 2):
+        for k in range(n):
+            v = built[(i + k) % n]
+            t0 = time.perf_counter()
+            v["state"], metrics = v["compiled"](v["state"], v["batch"],
+                                                jax.random.fold_in(v["rng"], i))
+            jax.block_until_ready(metrics)
+            if i >= 2:
+                v["times"].append(time.perf_counter() - t0)
+    mem, mem_kind = peak_memory_bytes()
+    out = []
+    for v in built:
+        med = statistics.median(v["times"])
+        count = flops.step_flops(v["cfg"]).total
+        peak, peak_source = flops.device_peak_flops(jax.devices()[0], v["dtype"])
+        remat, attention, scan, mlm_overflow = v["setting"]
+        out.append(dict(code="in turn", size=size, stage=stage, batch=batch, dtype=v["dtype"],
+                        remat=remat, attention=attention, scan=scan, mlm_overflow=mlm_overflow,
+                        compile_s=v["compile_s"], step_s=med, pairs_per_s=batch / med,
+                        gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
+                        peak_source=peak_source, peak_gib=mem / 2**30,
+                        mem_kind=mem_kind + ", all variants", allocator=allocator.active()))
+    return out
 
 
 def run_child(args: list[str], steps: int, allocator: str = "auto") -> dict:
@@ -247,6 +306,11 @@ def main():
     ap.add_argument("--phases", action="store_true",
                     help="under each row of this tree, the process's resident memory after each "
                          "phase (imports, state, compile, heap release, steps), from /proc")
+    ap.add_argument("--interleave", action="store_true",
+                    help="compile every combination of --dtypes, --remat, --attention, --scan "
+                         "and --mlm_overflow in one process and run their steps in turn; prints "
+                         "each one's speed relative to the first (small differences that the "
+                         "machine's drift hides between processes)")
     ap.add_argument("--json", default="", help="also write every measurement to this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
@@ -254,6 +318,11 @@ def main():
         from fine_jax import allocator
 
         allocator.reexec_if_needed()  # the allocator the commands run with (fine_jax.allocator)
+        if rest[0] == "interleave":
+            size, stage, batch, spec = rest[1:]
+            print(json.dumps(bench_interleaved(size, stage, int(batch), args.steps,
+                                               [tuple(v) for v in json.loads(spec)])))
+            return
         size, stage, batch, dtype, remat, attention, scan, *more = rest
         print(json.dumps(bench_one(size, stage, int(batch), args.steps, dtype, remat == "on",
                                    attention, scan == "on", *more)))
@@ -289,6 +358,18 @@ def main():
                             if args.phases and phase_line(t):
                                 print(phase_line(t), flush=True)
                             results.append(t)
+                    continue
+                if args.interleave:
+                    for stage in args.stages.split(","):
+                        spec = [(d, r == "on", a, sc == "on", mo) for d, r, a, sc, mo in
+                                itertools.product(*(getattr(args, k).split(",") for k in (
+                                    "dtypes", "remat", "attention", "scan", "mlm_overflow")))]
+                        rows = run_child(["interleave", size, stage, str(b), json.dumps(spec)],
+                                         args.steps, args.allocator.split(",")[0])
+                        for r in rows:
+                            print(row(r) + f"   x{rows[0]['step_s'] / r['step_s']:.3f} speed of "
+                                  "the first", flush=True)
+                        results.extend(rows)
                     continue
                 for stage in args.stages.split(","):
                     for dtype in args.dtypes.split(","):
