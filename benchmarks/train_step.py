@@ -6,7 +6,6 @@
         --remat=off,on --scan=off,on --stages=pretrain,retrieval,tgir
     python benchmarks/train_step.py --sizes=tiny --control=1120cd6 --pairs=3
     python benchmarks/train_step.py --sizes=tiny,reference --batches=2 --allocator=system,auto
-    python benchmarks/train_step.py --sizes=tiny --steps=20 --mlm_overflow=step,host
     python benchmarks/train_step.py --sizes=tiny --steps=60 --mlm_overflow=step,host --interleave
 
 Sizes:
@@ -22,8 +21,9 @@ in use where the backend reports it (GPU, TPU), else the process's peak resident
 which includes the compiler's own peak). MFU is the analytic model FLOPs (fine_jax.flops) over the
 device's peak (a table for TPUs and GPUs, a measured matmul on CPU).
 
-``--mlm_overflow=host`` measures the stage-1 step without its MLM overflow conditional
-(``loss.mlm_overflow``; the random batch's targets fit the gathered buffer). ``--interleave``
+``--mlm_overflow=step`` measures the stage-1 step with its MLM overflow conditional
+(``loss.mlm_overflow``; the default, ``host``, leaves it to the trainer, and the random batch's
+targets fit the gathered buffer). ``--interleave``
 compiles every combination of the settings in one process and runs their steps in turn, so that
 the machine's drift falls on all of them alike, and prints each one's speed relative to the first
 (the process's peak memory is shared by all of them).
@@ -97,7 +97,7 @@ def resident_gib() -> tuple[float, float] | None:
 
 
 def build_step(size: str, stage: str, batch: int, dtype: str, remat: bool, attention: str,
-               scan: bool = False, mlm_overflow: str = "step"):
+               scan: bool = False, mlm_overflow: str = "host"):
     """(config, resolved dtype, jitted step, state, batch arrays, rng) of one setting."""
     import jax
 
@@ -132,7 +132,7 @@ def build_step(size: str, stage: str, batch: int, dtype: str, remat: bool, atten
 
 
 def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: bool,
-              attention: str, scan: bool = False, mlm_overflow: str = "step") -> dict:
+              attention: str, scan: bool = False, mlm_overflow: str = "host") -> dict:
     """One measurement in this process."""
     import jax
 
@@ -296,8 +296,9 @@ def main():
     ap.add_argument("--remat", default="off", help="comma list of off, on")
     ap.add_argument("--attention", default="xla", help="comma list of xla, fused")
     ap.add_argument("--scan", default="off", help="comma list of off, on (model.scan_layers)")
-    ap.add_argument("--mlm_overflow", default="step", help="comma list of step, host "
-                    "(loss.mlm_overflow: the step with or without its MLM overflow conditional)")
+    ap.add_argument("--mlm_overflow", default="host", help="comma list of host (the default), "
+                    "step (loss.mlm_overflow: the step without or with its MLM overflow "
+                    "conditional)")
     ap.add_argument("--allocator", default="auto", help="comma list of FINE_JAX_ALLOCATOR "
                     "values: auto, tcmalloc, hugepages, system (fine_jax.allocator)")
     ap.add_argument("--steps", type=int, default=5)

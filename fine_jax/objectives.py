@@ -83,13 +83,15 @@ class LossConfig:
     # are compiled, a conditional picks one). Off: every position, as the reference.
     mlm_gather: bool = True
     mlm_max_fraction: float = 0.25
-    # Where a batch that overflows the gathered buffer is caught. "step": inside the compiled step
-    # (the conditional above). "host": the step holds the gathered head only, and the trainer
-    # counts each batch's targets on the host and runs a batch that overflows with a second,
-    # every-position step (compiled when first needed). The conditional costs the tiny CPU step
-    # about 6 % even when never taken (it splits the backward pass); the loss is the same either
-    # way. A multi-process job uses "step" (every process would have to agree on the step).
-    mlm_overflow: str = "step"
+    # Where a batch that overflows the gathered buffer is caught. "host": the step holds the
+    # gathered head only, and the trainer counts each batch's targets on the host and runs a batch
+    # that overflows with a second, every-position step (compiled when first needed); a step
+    # handed an overflowing batch by anything else returns a NaN loss (so the non-finite guard
+    # skips it) rather than a truncated one. "step": inside the compiled step (the conditional
+    # above), which costs the tiny CPU step about 5-6 % even when never taken (it splits the
+    # backward pass). The loss is the same either way, rounded differently. A multi-process job
+    # uses "step" (every process would have to agree on the step of every batch).
+    mlm_overflow: str = "host"
 
 
 def idx_targets(idx: jax.Array, idx_all: jax.Array) -> jax.Array:
@@ -238,8 +240,8 @@ def gathered_mlm_loss(head: Callable[[jax.Array], jax.Array], states: jax.Array,
     The labelled positions are gathered (in order) into ``rows`` rows; unused rows are padded with
     position 0 and an ignored label. When a batch has more labelled positions than ``rows``, the
     head runs on every position instead, so the loss is always the full computation's.
-    ``fallback=False`` leaves that branch out: the caller guarantees that the targets fit
-    (:func:`mlm_batch_fits`), else the targets beyond ``rows`` are dropped.
+    ``fallback=False`` leaves that branch out: the caller checks that the targets fit
+    (:func:`mlm_batch_fits`); a batch that does not gets a NaN loss, never a truncated one.
     """
     flat_states = states.reshape(-1, states.shape[-1])
     flat_labels = mask_labels.reshape(-1)
@@ -257,7 +259,7 @@ def gathered_mlm_loss(head: Callable[[jax.Array], jax.Array], states: jax.Array,
     if rows >= flat_labels.shape[0]:
         return every_position()
     if not fallback:
-        return gathered()
+        return jnp.where(count <= rows, gathered(), jnp.nan)
     # The fallback is rematerialised: differentiating a conditional keeps the residuals of both
     # branches, and this branch's (B*L, V) logits would otherwise be zero-filled and carried
     # through every step that never takes it (measured: a (B*L, V) memset and copy per step).

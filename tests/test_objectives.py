@@ -276,3 +276,7 @@ def test_mlm_batch_fits_counts_each_group_and_the_step_without_fallback_is_exact
     for fallback in (True, False):
         got = obj.gathered_mlm_loss(head, states, jnp.asarray(labels), 4, fallback=fallback)
         np.testing.assert_allclose(got, full, rtol=1e-6)
+    # Without the fallback, a batch that overflows the buffer gets a NaN loss, never a truncated one.
+    assert np.isnan(obj.gathered_mlm_loss(head, states, jnp.asarray(labels), 3, fallback=False))
+    np.testing.assert_allclose(obj.gathered_mlm_loss(head, states, jnp.asarray(labels), 3), full,
+                               rtol=1e-6)
