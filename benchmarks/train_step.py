@@ -21,7 +21,9 @@ in use where the backend reports it (GPU, TPU), else the process's peak resident
 which includes the compiler's own peak). MFU is the analytic model FLOPs (fine_jax.flops) over the
 device's peak (a table for TPUs and GPUs, a measured matmul on CPU).
 
-``--mlm_overflow=step`` measures the stage-1 step with its MLM overflow conditional
+``--precision`` sets ``model.matmul_precision`` (default ``auto``, as training: float32 products
+in float32 on a GPU or TPU when the dtype is float32; ``default`` measures JAX's faster TF32 or
+bf16-pass products there). ``--mlm_overflow=step`` measures the stage-1 step with its MLM overflow conditional
 (``loss.mlm_overflow``; the default, ``host``, leaves it to the trainer, and the random batch's
 targets fit the gathered buffer). ``--interleave``
 compiles every combination of the settings in one process and runs their steps in turn, so that
@@ -97,13 +99,15 @@ def resident_gib() -> tuple[float, float] | None:
 
 
 def build_step(size: str, stage: str, batch: int, dtype: str, remat: bool, attention: str,
-               scan: bool = False, mlm_overflow: str = "host"):
-    """(config, resolved dtype, jitted step, state, batch arrays, rng) of one setting."""
+               scan: bool = False, mlm_overflow: str = "host", precision: str = "auto"):
+    """(config, resolved dtype, jitted step, state, batch arrays, rng) of one setting; the
+    config holds the resolved ``model.matmul_precision``, which the step is traced at."""
     import jax
 
     from fine_jax import config as config_lib
     from fine_jax import stages, xla_cpu
-    from fine_jax.models.fine import FashionFINE, resolve_dtype
+    from fine_jax.models.fine import (FashionFINE, resolve_dtype, resolve_matmul_precision,
+                                      with_matmul_precision)
     from fine_jax.optim import make_optimizer
     from fine_jax.stages.common import create_state
 
@@ -117,22 +121,26 @@ def build_step(size: str, stage: str, batch: int, dtype: str, remat: bool, atten
     cfg.model.scan_layers = scan
     cfg.train.global_batch_size = batch
     cfg.loss.mlm_overflow = mlm_overflow  # the random batch's MLM targets fit the gathered buffer
+    cfg.model.matmul_precision = resolve_matmul_precision(precision, dtype)[0]  # as training does
     if stage == "tgir":
         cfg.loss.queue_size = cfg.loss.queue_size // (2 * batch) * 2 * batch
-    model = FashionFINE(config_lib.model_config(cfg))
+    model_cfg = config_lib.model_config(cfg)
+    model = FashionFINE(model_cfg)
     loss_cfg = config_lib.loss_config(cfg)
     st = stages.get(stage)
     optimizer, schedule = make_optimizer(cfg.optim, steps_per_epoch=1000)
     queues = st.make_queues(loss_cfg, cfg.model.embed_dim)
     state = jax.jit(lambda r: create_state(model, optimizer, r, queues))(jax.random.PRNGKey(0))
-    step = jax.jit(st.make_step(model, optimizer, loss_cfg, 1000, schedule), donate_argnums=0)
+    step = jax.jit(with_matmul_precision(st.make_step(model, optimizer, loss_cfg, 1000, schedule),
+                                         model_cfg), donate_argnums=0)
     batch_arrays = jax.device_put(random_batch(cfg, batch))
     jax.block_until_ready(state)
     return cfg, dtype, step, state, batch_arrays, jax.random.PRNGKey(1)
 
 
 def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: bool,
-              attention: str, scan: bool = False, mlm_overflow: str = "host") -> dict:
+              attention: str, scan: bool = False, mlm_overflow: str = "host",
+              precision: str = "auto") -> dict:
     """One measurement in this process."""
     import jax
 
@@ -141,7 +149,8 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     # The host memory at each phase of the measurement (CPU): where the process's peak comes from.
     phases = {"imported": resident_gib()}
     cfg, dtype, step, state, batch_arrays, rng = build_step(size, stage, batch, dtype, remat,
-                                                            attention, scan, mlm_overflow)
+                                                            attention, scan, mlm_overflow,
+                                                            precision)
     phases["state"] = resident_gib()
 
     t0 = time.perf_counter()
@@ -166,9 +175,10 @@ def bench_one(size: str, stage: str, batch: int, steps: int, dtype: str, remat: 
     phases["trained"] = resident_gib()
     mem, mem_kind = peak_memory_bytes()
     count = flops.step_flops(cfg).total
-    peak, peak_source = flops.device_peak_flops(jax.devices()[0], dtype)
+    precision = cfg.model.matmul_precision
+    peak, peak_source = flops.device_peak_flops(jax.devices()[0], dtype, precision)
     return dict(code="this tree", size=size, stage=stage, batch=batch, dtype=dtype, remat=remat,
-                attention=attention, scan=scan, mlm_overflow=mlm_overflow,
+                attention=attention, scan=scan, mlm_overflow=mlm_overflow, precision=precision,
                 compile_s=compile_s, step_s=med,
                 pairs_per_s=batch / med,
                 gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
@@ -182,21 +192,23 @@ def bench_interleaved(size: str, stage: str, batch: int, steps: int, variants: l
     """Several settings of one size, stage and batch compiled in this process, their steps run in
     turn (round i starts with variant i mod n): the machine's drift from minute to minute, which
     hides a change of a few per cent between processes, falls on all of them alike.
-    ``variants``: (dtype, remat, attention, scan, mlm_overflow) tuples. The peak memory is the
+    ``variants``: (dtype, remat, attention, scan, mlm_overflow, precision) tuples. The peak memory is the
     process's, shared by all of them."""
     import jax
 
     from fine_jax import allocator, flops
 
     built = []
-    for dtype, remat, attention, scan, mlm_overflow in variants:
+    for dtype, remat, attention, scan, mlm_overflow, precision in variants:
         cfg, dt, step, state, batch_arrays, rng = build_step(size, stage, batch, dtype, remat,
-                                                             attention, scan, mlm_overflow)
+                                                             attention, scan, mlm_overflow,
+                                                             precision)
         t0 = time.perf_counter()
         compiled = step.lower(state, batch_arrays, rng).compile()
         built.append(dict(cfg=cfg, dtype=dt, compiled=compiled, state=state, batch=batch_arrays,
                           rng=rng, compile_s=time.perf_counter() - t0, times=[],
-                          setting=(remat, attention, scan, mlm_overflow)))
+                          setting=(remat, attention, scan, mlm_overflow,
+                                   cfg.model.matmul_precision)))
         allocator.release_free_memory()
     n = len(built)
     for i in range(steps + 2):
@@ -213,10 +225,11 @@ def bench_interleaved(size: str, stage: str, batch: int, steps: int, variants: l
     for v in built:
         med = statistics.median(v["times"])
         count = flops.step_flops(v["cfg"]).total
-        peak, peak_source = flops.device_peak_flops(jax.devices()[0], v["dtype"])
-        remat, attention, scan, mlm_overflow = v["setting"]
+        remat, attention, scan, mlm_overflow, precision = v["setting"]
+        peak, peak_source = flops.device_peak_flops(jax.devices()[0], v["dtype"], precision)
         out.append(dict(code="in turn", size=size, stage=stage, batch=batch, dtype=v["dtype"],
                         remat=remat, attention=attention, scan=scan, mlm_overflow=mlm_overflow,
+                        precision=precision,
                         compile_s=v["compile_s"], step_s=med, pairs_per_s=batch / med,
                         gflop_per_step=count / 1e9, mfu=flops.mfu(count, med, 1, peak),
                         peak_source=peak_source, peak_gib=mem / 2**30,
@@ -262,8 +275,12 @@ def run_control(worktree: str, size: str, batch: int, steps: int) -> dict:
 
 
 HEADER = (f"{'code':<10} {'size':<9} {'stage':<9} {'batch':>5} {'dtype':<8} {'remat':<5} "
-          f"{'attn':<5} {'scan':<4} {'mlm':<4} {'alloc':<9} {'compile s':>9} {'step s':>8} {'pairs/s':>8} "
+          f"{'attn':<5} {'scan':<4} {'mlm':<4} {'prec':<4} {'alloc':<9} {'compile s':>9} {'step s':>8} {'pairs/s':>8} "
           f"{'MFU %':>6} {'peak GiB':>8} {'faults/step':>11}")
+
+
+# model.matmul_precision, as the table prints it.
+PRECISION_LABELS = {"default": "dflt", "float32": "f32", "tensorfloat32": "tf32", "bfloat16": "bf16"}
 
 
 def row(r: dict) -> str:
@@ -271,6 +288,7 @@ def row(r: dict) -> str:
     return (f"{r['code']:<10} {r['size']:<9} {r['stage']:<9} {r['batch']:>5} {r['dtype']:<8} "
             f"{'on' if r['remat'] else 'off':<5} {r['attention']:<5} "
             f"{'on' if r.get('scan') else 'off':<4} {r.get('mlm_overflow', '-'):<4} "
+            f"{PRECISION_LABELS.get(r.get('precision'), '-'):<4} "
             f"{r.get('allocator', '?').split()[0]:<9} "
             f"{r['compile_s']:>9.2f} "
             f"{r['step_s']:>8.4f} {r['pairs_per_s']:>8.2f} {mfu} {r['peak_gib']:>8.2f} "
@@ -299,6 +317,9 @@ def main():
     ap.add_argument("--mlm_overflow", default="host", help="comma list of host (the default), "
                     "step (loss.mlm_overflow: the step without or with its MLM overflow "
                     "conditional)")
+    ap.add_argument("--precision", default="auto", help="comma list of model.matmul_precision "
+                    "values: auto, default, float32, tensorfloat32, bfloat16 (how float32 "
+                    "products run on a GPU or TPU; a CPU computes them in float32 at every one)")
     ap.add_argument("--allocator", default="auto", help="comma list of FINE_JAX_ALLOCATOR "
                     "values: auto, tcmalloc, hugepages, system (fine_jax.allocator)")
     ap.add_argument("--steps", type=int, default=5)
@@ -308,8 +329,8 @@ def main():
                     help="under each row of this tree, the process's resident memory after each "
                          "phase (imports, state, compile, heap release, steps), from /proc")
     ap.add_argument("--interleave", action="store_true",
-                    help="compile every combination of --dtypes, --remat, --attention, --scan "
-                         "and --mlm_overflow in one process and run their steps in turn; prints "
+                    help="compile every combination of --dtypes, --remat, --attention, --scan, "
+                         "--mlm_overflow and --precision in one process and run their steps in turn; prints "
                          "each one's speed relative to the first (small differences that the "
                          "machine's drift hides between processes)")
     ap.add_argument("--json", default="", help="also write every measurement to this file")
@@ -352,7 +373,8 @@ def main():
                         results.append(c)
                         for dtype in args.dtypes.split(","):
                             t = run_child([size, "pretrain", str(b), dtype, "off", "xla", "off",
-                                           args.mlm_overflow.split(",")[0]], args.steps)
+                                           args.mlm_overflow.split(",")[0],
+                                           args.precision.split(",")[0]], args.steps)
                             print(row(t) + f"   x{t['pairs_per_s'] / c['pairs_per_s']:.2f} "
                                   f"pairs/s, x{t['peak_gib'] / c['peak_gib']:.2f} memory",
                                   flush=True)
@@ -362,9 +384,11 @@ def main():
                     continue
                 if args.interleave:
                     for stage in args.stages.split(","):
-                        spec = [(d, r == "on", a, sc == "on", mo) for d, r, a, sc, mo in
-                                itertools.product(*(getattr(args, k).split(",") for k in (
-                                    "dtypes", "remat", "attention", "scan", "mlm_overflow")))]
+                        spec = [(d, r == "on", a, sc == "on", mo, pr)
+                                for d, r, a, sc, mo, pr in itertools.product(
+                                    *(getattr(args, k).split(",") for k in (
+                                        "dtypes", "remat", "attention", "scan", "mlm_overflow",
+                                        "precision")))]
                         rows = run_child(["interleave", size, stage, str(b), json.dumps(spec)],
                                          args.steps, args.allocator.split(",")[0])
                         for r in rows:
@@ -376,11 +400,11 @@ def main():
                     for dtype in args.dtypes.split(","):
                         for remat in args.remat.split(","):
                             for attention in args.attention.split(","):
-                                for scan, mo, alloc in itertools.product(
+                                for scan, mo, pr, alloc in itertools.product(
                                         args.scan.split(","), args.mlm_overflow.split(","),
-                                        args.allocator.split(",")):
+                                        args.precision.split(","), args.allocator.split(",")):
                                     r = run_child([size, stage, str(b), dtype, remat, attention,
-                                                   scan, mo], args.steps, alloc)
+                                                   scan, mo, pr], args.steps, alloc)
                                     print(row(r), flush=True)
                                     if args.phases and phase_line(r):
                                         print(phase_line(r), flush=True)

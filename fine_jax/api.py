@@ -27,7 +27,7 @@ import numpy as np
 from fine_jax.checkpoint import read_weights
 from fine_jax.data import image as image_ops
 from fine_jax.data import text as text_ops
-from fine_jax.models.fine import FashionFINE, ModelConfig
+from fine_jax.models.fine import FashionFINE, ModelConfig, with_matmul_precision
 
 VOCAB_FILE = "vocab.txt"
 # The modules z_v and z_t are computed from.
@@ -95,14 +95,15 @@ class FineModel:
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.batch_size = batch_size
-        self._embed_images = jax.jit(lambda p, x: self.model.apply(
-            {"params": p}, x, method=FashionFINE.embed_images))
-        self._embed_texts = jax.jit(lambda p, ids, mask: self.model.apply(
-            {"params": p}, ids, mask, method=FashionFINE.embed_texts))
-        self._itm = jax.jit(lambda p, x, ids, mask: jax.nn.softmax(self.model.apply(
-            {"params": p}, self.model.apply({"params": p}, ids, mask, x,
-                                            method=_fused_pairs), method=FashionFINE.itm_logits),
-            axis=-1)[:, 1])
+        # Traced at the model's float32 precision (model.matmul_precision), as in training.
+        self._embed_images = jax.jit(with_matmul_precision(lambda p, x: self.model.apply(
+            {"params": p}, x, method=FashionFINE.embed_images), config))
+        self._embed_texts = jax.jit(with_matmul_precision(lambda p, ids, mask: self.model.apply(
+            {"params": p}, ids, mask, method=FashionFINE.embed_texts), config))
+        self._itm = jax.jit(with_matmul_precision(lambda p, x, ids, mask: jax.nn.softmax(
+            self.model.apply({"params": p}, self.model.apply({"params": p}, ids, mask, x,
+                                                             method=_fused_pairs),
+                             method=FashionFINE.itm_logits), axis=-1)[:, 1], config))
 
     @classmethod
     def load(cls, path: str | pathlib.Path, step: int | None = None, vocab=None,

@@ -290,10 +290,10 @@ def _check_parallel(config: ml_collections.ConfigDict, num_devices: int) -> None
 
 
 def resolve_platform_defaults(config: ml_collections.ConfigDict) -> list[str]:
-    """Replaces the config's per-platform choices (``model.dtype="auto"``) by what this platform
-    runs, in place, so that the log, the FLOP peak and the saved config.json name it; returns a
-    line for the log per choice made."""
-    from fine_jax.models.fine import AUTO_DTYPE, resolve_dtype
+    """Replaces the config's per-platform choices (``model.dtype`` and ``model.matmul_precision``
+    ``"auto"``) by what this platform runs, in place, so that the log, the FLOP peak and the
+    saved config.json name them; returns a line for the log per choice made."""
+    from fine_jax.models.fine import AUTO_DTYPE, resolve_dtype, resolve_matmul_precision
 
     notes = []
     if config.model.dtype == AUTO_DTYPE:
@@ -301,6 +301,10 @@ def resolve_platform_defaults(config: ml_collections.ConfigDict) -> list[str]:
         config.model.dtype = dtype
         notes.append(f"model.dtype=auto: {dtype} ({why}; --config.model.dtype=float32 runs the "
                      "reference's precision)")
+    if config.model.get("matmul_precision", "auto") == "auto":
+        precision, why = resolve_matmul_precision("auto", config.model.dtype)
+        config.model.matmul_precision = precision
+        notes.append(f"model.matmul_precision=auto: {precision} ({why})")
     return notes
 
 

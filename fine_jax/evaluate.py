@@ -41,7 +41,7 @@ def evaluate(cfg, checkpoint, out=None, step="best", log=print) -> dict:
     from fine_jax import parallel, stages
     from fine_jax.checkpoint import read_weights
     from fine_jax.eval.results import write_results
-    from fine_jax.models.fine import FashionFINE, init_params
+    from fine_jax.models.fine import FashionFINE, init_params, matmul_precision_scope
 
     for note in config_lib.resolve_platform_defaults(cfg):
         log(note)
@@ -73,7 +73,8 @@ def evaluate(cfg, checkpoint, out=None, step="best", log=print) -> dict:
         out = path / "evaluation" / default_out_name(cfg, info.get("step"))
     out.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
-    results = evaluator(model, params, mesh, out, log)
+    with matmul_precision_scope(model.config):  # traced at the float32 precision training used
+        results = evaluator(model, params, mesh, out, log)
     log(evaluator.report(results))
     log(f"{evaluator.criterion} = {results[evaluator.criterion]:.2f}")
     if jax.process_index() == 0:

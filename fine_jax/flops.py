@@ -279,23 +279,39 @@ def stablehlo_matmul_flops(text: str) -> float:
 # Peak FLOP/s of the device, for MFU
 # ----------------------------------------------------------------------------------------------
 
-# Dense peak per chip, TFLOP/s, by (substring of device_kind, dtype class). bf16 is the matrix-unit
-# peak without sparsity; fp32 is what fp32 matmuls reach (TF32 on NVIDIA Ampere and later, as XLA
-# uses by default; TPUs run fp32 matmuls as bf16 passes, so "fp32" there is the bf16 peak / 3).
+# Dense peak per chip, TFLOP/s, by substring of device_kind and the arithmetic of the products:
+# "bf16" the matrix units' bf16 peak without sparsity, "tf32" NVIDIA's TF32 tensor-core peak,
+# "fp32" true float32 (NVIDIA's CUDA cores). TPUs compute float32 products as bf16 passes: one
+# at JAX's default precision, three at "tensorfloat32", six at "float32" (TPU_FP32_PASSES).
 PEAK_TFLOPS = {
-    "TPU v6": {"bf16": 918.0, "fp32": 306.0},
-    "TPU v5p": {"bf16": 459.0, "fp32": 153.0},
-    "TPU v5 lite": {"bf16": 197.0, "fp32": 65.7},
-    "TPU v5e": {"bf16": 197.0, "fp32": 65.7},
-    "TPU v4": {"bf16": 275.0, "fp32": 91.7},
-    "TPU v3": {"bf16": 123.0, "fp32": 41.0},
-    "H200": {"bf16": 989.0, "fp32": 494.5},
-    "H100": {"bf16": 989.0, "fp32": 494.5},
-    "A100": {"bf16": 312.0, "fp32": 156.0},
-    "L4": {"bf16": 121.0, "fp32": 60.0},
-    "A10G": {"bf16": 125.0, "fp32": 62.5},
-    "V100": {"bf16": 125.0, "fp32": 15.7},  # fp16 tensor cores; no bf16
+    "TPU v6": {"bf16": 918.0},
+    "TPU v5p": {"bf16": 459.0},
+    "TPU v5 lite": {"bf16": 197.0},
+    "TPU v5e": {"bf16": 197.0},
+    "TPU v4": {"bf16": 275.0},
+    "TPU v3": {"bf16": 123.0},
+    "H200": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
+    "H100": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L4": {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "A10G": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "V100": {"bf16": 125.0, "fp32": 15.7},  # fp16 tensor cores; no bf16, no TF32
 }
+TPU_FP32_PASSES = {"default": 1, "bfloat16": 1, "tensorfloat32": 3, "float32": 6}
+
+
+def _peak_class(dtype: str, precision: str, peaks: dict, tpu: bool) -> tuple[str, float]:
+    """(label, divisor of the table entry) for products in ``dtype`` at ``precision``."""
+    if dtype in ("bfloat16", "float16"):
+        return "bf16", 1.0
+    if tpu:
+        passes = TPU_FP32_PASSES.get(precision, 1)
+        return f"fp32 as {passes} bf16 pass{'es' if passes > 1 else ''}", float(passes)
+    if precision == "bfloat16":
+        return "bf16", 1.0
+    if precision == "float32" or "tf32" not in peaks:  # JAX's default on NVIDIA is TF32
+        return "fp32", 1.0
+    return "tf32", 1.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -316,15 +332,21 @@ def measured_matmul_peak(dtype: str = "float32", size: int = 1024, repeats: int 
     return 2.0 * size ** 3 / best
 
 
-def device_peak_flops(device=None, dtype: str = "float32") -> tuple[float, str]:
-    """(peak FLOP/s of one device for matmuls in ``dtype``, where the figure comes from)."""
+def device_peak_flops(device=None, dtype: str = "float32", precision: str = "default"
+                      ) -> tuple[float, str]:
+    """(peak FLOP/s of one device for products in ``dtype``, where the figure comes from).
+
+    ``precision`` is the resolved ``model.matmul_precision``: how float32 products run (TF32 or
+    true float32 on an NVIDIA GPU, one to six bf16 passes on a TPU)."""
     device = device or jax.devices()[0]
     kind = getattr(device, "device_kind", "") or ""
-    cls = "bf16" if dtype in ("bfloat16", "float16") else "fp32"
     if device.platform != "cpu":
         for key, peaks in PEAK_TFLOPS.items():
             if key.lower() in kind.lower():
-                return peaks[cls] * 1e12, f"{kind} {cls} table"
+                tpu = device.platform == "tpu" or kind.lower().startswith("tpu")
+                label, divisor = _peak_class(dtype, precision, peaks, tpu)
+                entry = peaks["bf16"] if tpu or label == "bf16" else peaks[label]
+                return entry / divisor * 1e12, f"{kind} {label} table"
     return measured_matmul_peak(dtype), f"measured {dtype} matmul on {kind or device.platform}"
 
 

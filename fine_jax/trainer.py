@@ -36,7 +36,7 @@ from fine_jax.checkpoint import CheckpointWriteError, close_all, complete_steps
 from fine_jax.data import pipeline
 from fine_jax.eval.results import write_results
 from fine_jax.interop import initialize
-from fine_jax.models.fine import FashionFINE
+from fine_jax.models.fine import FashionFINE, matmul_precision_scope
 from fine_jax.optim import make_optimizer
 from fine_jax.stages.common import create_state
 
@@ -277,7 +277,9 @@ def run(cfg, workdir: str) -> dict | None:
     stop = faults.StopSignals(abort_note).install()
     errors_log = workdir / faults.BACKGROUND_LOG if is_main and not remote else None
     try:
-        with faults.quiet_background_errors(errors_log):
+        # Every step and evaluation of the job is traced at the config's float32 precision.
+        with faults.quiet_background_errors(errors_log), \
+                matmul_precision_scope(config_lib.model_config(cfg)):
             return _train(cfg, workdir, stage, is_main, stop)
     finally:
         close_all()  # no checkpoint write is left running, however the job ends
@@ -337,7 +339,8 @@ def _train(cfg, workdir: pathlib.Path, stage, is_main: bool, stop: faults.StopSi
            else "global batch"))
 
     step_flops = flops_lib.step_flops(cfg)
-    peak_per_device, peak_source = flops_lib.device_peak_flops(jax.devices()[0], cfg.model.dtype)
+    peak_per_device, peak_source = flops_lib.device_peak_flops(
+        jax.devices()[0], cfg.model.dtype, cfg.model.matmul_precision)
     peak_flops = peak_per_device * jax.device_count()
     log(f"model FLOPs: {flops_lib.summary(step_flops)}; peak {peak_per_device / 1e12:.3g} "
         f"TFLOP/s per device ({peak_source})")

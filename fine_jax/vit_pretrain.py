@@ -47,7 +47,7 @@ from fine_jax import faults, parallel
 from fine_jax.config import VIT_PRETRAIN_LABELS, ConfigError
 from fine_jax.data import image as image_ops
 from fine_jax.data import pipeline
-from fine_jax.models.fine import FashionFINE, vision_tower
+from fine_jax.models.fine import FashionFINE, matmul_precision_scope, vision_tower
 
 
 CAPTION_WORD_MIN_ROWS = 5  # a caption word is a label when at least this many rows have it
@@ -319,6 +319,8 @@ def pretrain_to_file(cfg, out, steps: int | None = None, redrawn: int = 0, seed:
         cfg.init.vit_pretrain_steps = int(steps)
     if cfg.init.vit_pretrain_steps < 1:
         raise ConfigError("no steps to train: pass --steps=N or set init.vit_pretrain_steps")
+    for note in config_lib.resolve_platform_defaults(cfg):
+        log(note)
     config_lib.validate(cfg)
     data = stages.get(cfg.stage).training_data(cfg)
     cfg.model.vocab_size = data.vocab_size
@@ -330,7 +332,8 @@ def pretrain_to_file(cfg, out, steps: int | None = None, redrawn: int = 0, seed:
     source = pretraining_source(cfg, data.vit_source, redrawn, seed, log)
     state = {"params": {"visual_encoder": vit}, "momentum": {}}
     t0 = time.time()
-    state, history = pretrain_vit(cfg, model, state, source, log)
+    with matmul_precision_scope(model_cfg):  # as the training job runs it
+        state, history = pretrain_vit(cfg, model, state, source, log)
     m = cfg.model
     metadata = {
         "format": "timm ViT state_dict", "label": cfg.init.vit_pretrain_label,

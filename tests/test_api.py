@@ -139,3 +139,17 @@ def test_loading_a_checkpoint_without_trained_adapter_warns(setup, tmp_path):
     save_weights(tmp_path / "w", {"params": params}, info)
     with pytest.warns(UserWarning, match="did not provide params/maa"):
         FineModel.load(tmp_path / "w", vocab=root / "vocab.txt")
+
+
+def test_embeddings_are_traced_at_the_models_matmul_precision(setup):
+    """A model trained at model.matmul_precision=float32 embeds at it too (HIGHEST products)."""
+    import dataclasses
+
+    _, _, config, params = setup
+    tokenizer = FineModel.load(setup[0] / "weights").tokenizer
+    for precision, tag in (("float32", "HIGHEST"), ("default", "DEFAULT")):
+        model = FineModel(dataclasses.replace(config, matmul_precision=precision), params,
+                          tokenizer, MAX_LEN)
+        ids = np.zeros((2, MAX_LEN), np.int32)
+        text = model._embed_texts.lower(model.params, ids, ids).as_text()
+        assert f"precision = [{tag}, {tag}]" in text

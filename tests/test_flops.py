@@ -124,3 +124,16 @@ def test_peak_and_mfu():
         platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
 
     assert flops.device_peak_flops(FakeGPU(), "bfloat16") == (989e12, "NVIDIA H100 80GB HBM3 bf16 table")
+    # float32 products: TF32 at JAX's default, CUDA cores at model.matmul_precision=float32.
+    assert flops.device_peak_flops(FakeGPU(), "float32") == (494.5e12,
+                                                             "NVIDIA H100 80GB HBM3 tf32 table")
+    assert flops.device_peak_flops(FakeGPU(), "float32", "float32")[0] == pytest.approx(66.9e12)
+
+    class FakeTPU:
+        platform, device_kind = "tpu", "TPU v4"
+
+    # A TPU's float32 products are bf16 passes: one, three or six.
+    for precision, passes in (("default", 1), ("tensorfloat32", 3), ("float32", 6)):
+        peak, source = flops.device_peak_flops(FakeTPU(), "float32", precision)
+        assert peak == pytest.approx(275e12 / passes) and f"{passes} bf16 pass" in source
+    assert flops.device_peak_flops(FakeTPU(), "bfloat16", "float32")[0] == 275e12

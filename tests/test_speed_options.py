@@ -298,10 +298,65 @@ def test_reference_configs_take_the_platform_dtype_and_the_demos_float32():
         assert config_lib.model_config(c).compute_dtype == jnp.dtype(resolve_dtype("auto")[0])
         notes = config_lib.resolve_platform_defaults(c)
         assert c.model.dtype == resolve_dtype("auto")[0]
-        assert len(notes) == 1 and notes[0].startswith(f"model.dtype=auto: {c.model.dtype} (")
+        assert c.model.matmul_precision == "default"  # this CPU
+        assert len(notes) == 2 and notes[0].startswith(f"model.dtype=auto: {c.model.dtype} (")
+        assert notes[1].startswith("model.matmul_precision=auto: default (CPU")
         assert config_lib.resolve_platform_defaults(c) == []  # resolved once, in place
     for name in ("demo.py", "demo_retrieval.py", "demo_tgir.py"):
         assert config_lib.load_config_file(configs / name).model.dtype == "float32", name
     c = tiny_config(dtype="bf16")
     with pytest.raises(config_lib.ConfigError, match="'auto'.*got 'bf16'"):
         config_lib.validate(c)
+
+
+def test_matmul_precision_is_chosen_per_platform_and_dtype():
+    from fine_jax.models.fine import resolve_matmul_precision
+
+    for platform in ("gpu", "cuda", "tpu"):  # the reference's float32 products, not TF32 / bf16
+        assert resolve_matmul_precision("auto", "float32", platform)[0] == "float32"
+        assert resolve_matmul_precision("auto", "bfloat16", platform)[0] == "default"
+    assert resolve_matmul_precision("auto", "float32", "cpu")[0] == "default"
+    assert resolve_matmul_precision("tensorfloat32", "float32", "gpu") == ("tensorfloat32",
+                                                                           "set in the config")
+    with pytest.raises(config_lib.ConfigError, match="matmul_precision='highest'.*float32"):
+        config_lib.validate(tiny_config(matmul_precision="highest"))
+
+
+def _dot_precisions(text: str) -> set[str]:
+    """The precision tags of the float32 x float32 products in a lowered program."""
+    import re
+
+    found = set()
+    for line in text.splitlines():
+        if "stablehlo.dot_general" in line or "stablehlo.convolution" in line:
+            m = re.search(r"precision = \[(\w+), (\w+)\]", line)
+            operands = re.search(r": \((tensor<[^>]*>), (tensor<[^>]*>)\)", line)
+            if m and operands and all(o.endswith("xf32>") for o in operands.groups()):
+                found.add(m.group(1))
+    return found
+
+
+@pytest.mark.parametrize("precision, tag", [("float32", "HIGHEST"), ("tensorfloat32", "HIGH"),
+                                            ("default", "DEFAULT")])
+def test_the_step_is_traced_at_the_configured_precision(precision, tag):
+    """Every float32 product of the stage-1 step, the patch convolution included, carries the
+    precision of model.matmul_precision; JAX's own setting is left as it was afterwards."""
+    from fine_jax.models.fine import with_matmul_precision
+
+    cfg = _cfg(matmul_precision=precision)
+    model = FashionFINE(config_lib.model_config(cfg))
+    optimizer, schedule = make_optimizer(cfg.optim, steps_per_epoch=10)
+    st = stages.get("pretrain")
+    step = st.make_step(model, optimizer, config_lib.loss_config(cfg), 10, schedule)
+    state = jax.eval_shape(lambda r: create_state(
+        model, optimizer, r, st.make_queues(config_lib.loss_config(cfg), cfg.model.embed_dim)),
+        jax.random.PRNGKey(0))
+    batch = _batch(cfg)
+    before = jax.config.jax_default_matmul_precision
+    text = jax.jit(with_matmul_precision(step, model.config)).lower(
+        state, batch, jax.random.PRNGKey(1)).as_text()
+    assert jax.config.jax_default_matmul_precision == before
+    assert "stablehlo.convolution" in text
+    found = _dot_precisions(text)
+    # Every product but the bias gradients' (layers.add_bias, HIGHEST whatever the setting).
+    assert tag in found and found - {"HIGHEST"} == {tag} - {"HIGHEST"}

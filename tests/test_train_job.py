@@ -316,11 +316,31 @@ def test_reference_configs_run_on_small_data_in_the_real_layouts(config_file, tm
     assert (tmp_path / "wd" / "checkpoints" / "2").is_dir()
     # model.dtype=auto is resolved for this platform, logged, and saved resolved.
     dtype = resolve_dtype("auto")[0]
-    assert f"model.dtype=auto: {dtype} (" in capsys.readouterr().out
-    assert json.loads((tmp_path / "wd" / "config.json").read_text())["model"]["dtype"] == dtype
+    out = capsys.readouterr().out
+    assert f"model.dtype=auto: {dtype} (" in out
+    assert "model.matmul_precision=auto: default (CPU" in out
+    saved = json.loads((tmp_path / "wd" / "config.json").read_text())["model"]
+    assert saved["dtype"] == dtype and saved["matmul_precision"] == "default"
     criterion = json.loads((tmp_path / "wd" / "eval_results.json").read_text())["criterion"]
     assert criterion == ("tgir/select" if c.stage == "tgir" else "full/sum")
     assert np.isfinite(results[criterion])
+
+
+def test_the_job_runs_at_the_configured_matmul_precision(data_dir, tmp_path, monkeypatch):
+    """The whole job (its steps and evaluations) is traced under model.matmul_precision, and JAX's
+    own setting is left as it was."""
+    import jax
+
+    seen = []
+    monkeypatch.setattr(trainer, "_train", lambda *a: seen.append(
+        jax.config.jax_default_matmul_precision))
+    before = jax.config.jax_default_matmul_precision
+    for precision, expected in (("float32", "float32"), ("auto", before)):
+        c = tiny("demo.py", data_dir, 1)
+        c.model.matmul_precision = precision
+        trainer.run(c, str(tmp_path / precision))
+        assert seen[-1] == expected and c.model.matmul_precision != "auto"
+    assert jax.config.jax_default_matmul_precision == before
 
 
 def test_evaluate_by_default_writes_beside_the_run_without_touching_its_results(stage1):

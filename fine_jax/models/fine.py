@@ -79,6 +79,56 @@ def resolve_dtype(dtype: str, platform: str | None = None, amx_bf16: bool | None
     return "float32", "CPU without AMX-BF16"
 
 
+# ``model.matmul_precision``: how float32 matrix products are computed (JAX's
+# ``default_matmul_precision``). "default" leaves JAX's platform default; "auto" resolves per
+# platform and dtype (resolve_matmul_precision).
+MATMUL_PRECISIONS = ("auto", "default", "float32", "tensorfloat32", "bfloat16")
+
+
+def resolve_matmul_precision(precision: str, dtype: str, platform: str | None = None
+                             ) -> tuple[str, str]:
+    """``(precision, why)`` for ``model.matmul_precision``; ``"auto"`` picks per platform.
+
+    JAX computes float32 products at reduced precision by default where the hardware offers it:
+    TF32 on NVIDIA GPUs from Ampere on, one bf16 pass on TPUs. The reference's PyTorch computes its
+    float32 products in float32. So with ``model.dtype=float32`` on a GPU or TPU, ``auto`` is
+    ``float32``: the reference's precision. On a CPU, XLA computes every float32 product in float32
+    whatever the setting, so ``auto`` leaves JAX's default. With ``bfloat16`` the products of the
+    towers and heads are bf16 (the setting concerns float32 inputs only) and ``auto`` leaves the
+    few float32 products left (the contrastive logits) to the platform's default.
+    Any other value is returned as it is. ``dtype`` is the resolved ``model.dtype``.
+    """
+    if precision != "auto":
+        return precision, "set in the config"
+    platform = platform or jax.devices()[0].platform
+    if platform == "cpu":
+        return "default", "CPU: float32 products are computed in float32 at every setting"
+    if dtype != "float32":
+        return "default", f"{platform}, model.dtype={dtype}: the towers' products are {dtype}"
+    default = "one bf16 pass" if platform == "tpu" else "TF32 on NVIDIA GPUs from Ampere on"
+    return "float32", (f"{platform}, model.dtype=float32: the reference's float32 products; JAX's "
+                       f"default there, {default}, is faster and rounder")
+
+
+def matmul_precision_scope(config: "ModelConfig"):
+    """A context manager under which JAX traces float32 products at the config's
+    ``matmul_precision`` (resolved for the first device's platform). Jitted functions take it
+    at trace time and cache per precision, so it must surround the tracing call."""
+    dtype = resolve_dtype(config.dtype)[0]
+    precision = resolve_matmul_precision(config.matmul_precision, dtype)[0]
+    return jax.default_matmul_precision(None if precision == "default" else precision)
+
+
+def with_matmul_precision(fn, config: "ModelConfig"):
+    """``fn`` traced under :func:`matmul_precision_scope`: wrap a function before ``jax.jit``."""
+
+    def wrapped(*args, **kwargs):
+        with matmul_precision_scope(config):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every size and switch of the model, with the reference values as defaults.
@@ -131,6 +181,10 @@ class ModelConfig:
     # Attention: "xla" (explicit products, fp32 softmax) or "fused" (jax.nn.dot_product_attention,
     # cuDNN's fused kernel on GPUs; where attention dropout is active the explicit path runs).
     attention: str = "xla"
+    # Precision of float32 matrix products: "auto" (float32 on GPUs and TPUs with dtype float32,
+    # the platform's default otherwise; resolve_matmul_precision), "default" (JAX's: TF32 on NVIDIA
+    # GPUs, one bf16 pass on TPUs, float32 on CPUs), "float32", "tensorfloat32" or "bfloat16".
+    matmul_precision: str = "auto"
     # Recompute each ViT block's and BERT layer's activations in the backward pass instead of
     # keeping them: less memory for a second forward of the encoders.
     remat: bool = False
@@ -166,6 +220,9 @@ class ModelConfig:
         if self.dtype not in _DTYPES and self.dtype != AUTO_DTYPE:
             raise ValueError(f"model.dtype must be one of {sorted(_DTYPES) + [AUTO_DTYPE]}, got "
                              f"{self.dtype!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"model.matmul_precision={self.matmul_precision!r}: use one of "
+                             f"{', '.join(MATMUL_PRECISIONS)}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"model.attention={self.attention!r}: use one of "
                              f"{', '.join(ATTENTION_KINDS)}")
