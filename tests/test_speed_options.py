@@ -13,7 +13,7 @@ from fine_jax import config as config_lib
 from fine_jax import stages
 from fine_jax.config import tiny_config
 from fine_jax.data import image as image_ops
-from fine_jax.models.fine import FashionFINE
+from fine_jax.models.fine import FashionFINE, with_matmul_precision
 from fine_jax.optim import make_optimizer
 from fine_jax.stages.common import create_state
 
@@ -56,8 +56,9 @@ def _one_step(cfg, batch, deterministic=True, state=None):
     if state is None:
         state = create_state(model, optimizer, jax.random.PRNGKey(0),
                              stage.make_queues(loss_cfg, cfg.model.embed_dim))
-    step = jax.jit(stage.make_step(model, optimizer, loss_cfg, 10, schedule,
-                                   deterministic=deterministic))
+    # At the float32 precision training runs at (on a GPU or TPU, float32 products in float32).
+    step = jax.jit(with_matmul_precision(stage.make_step(
+        model, optimizer, loss_cfg, 10, schedule, deterministic=deterministic), model.config))
     new, metrics = step(state, batch, jax.random.PRNGKey(3))
     return state, jax.device_get(new), jax.device_get(metrics)
 
@@ -341,8 +342,6 @@ def _dot_precisions(text: str) -> set[str]:
 def test_the_step_is_traced_at_the_configured_precision(precision, tag):
     """Every float32 product of the stage-1 step, the patch convolution included, carries the
     precision of model.matmul_precision; JAX's own setting is left as it was afterwards."""
-    from fine_jax.models.fine import with_matmul_precision
-
     cfg = _cfg(matmul_precision=precision)
     model = FashionFINE(config_lib.model_config(cfg))
     optimizer, schedule = make_optimizer(cfg.optim, steps_per_epoch=10)
